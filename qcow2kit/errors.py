@@ -1,0 +1,67 @@
+"""The exception tree.
+
+Every error qcow2kit raises about an image derives from :class:`Qcow2Error`.
+Errors about a specific on-disk value carry the name of the field (as the
+qcow2 spec names it) and the byte offset in the file where it was found, so a
+message can point a person at the exact bytes.
+"""
+
+from __future__ import annotations
+
+
+class Qcow2Error(Exception):
+    """Root of all qcow2kit errors.
+
+    ``field`` is the spec name of the value at fault (or ``None``), ``offset``
+    the byte offset of that value in its file (or ``None``), ``path`` the file.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None,
+                 offset: int | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.offset = offset
+        self.path = path
+
+    def __str__(self) -> str:
+        where = []
+        if self.field is not None:
+            where.append(self.field)
+        if self.offset is not None:
+            where.append(f"at offset {self.offset:#x}")
+        if where:
+            return f"{self.message} ({' '.join(where)})"
+        return self.message
+
+
+class NotQcow2Error(Qcow2Error):
+    """The file is not a qcow2 image (bad magic or too short)."""
+
+
+class InvalidHeaderError(Qcow2Error):
+    """A header field or header extension is malformed or out of QEMU's limits."""
+
+
+class CorruptImageError(Qcow2Error):
+    """Metadata beyond the header (tables, descriptors) is inconsistent."""
+
+
+class UnsupportedFeatureError(Qcow2Error):
+    """The image uses something qcow2kit cannot do (unknown incompatible bits, encryption...)."""
+
+
+class OutOfBoundsError(CorruptImageError):
+    """A read would go outside its file, or an offset overflows."""
+
+
+class BackingChainError(Qcow2Error):
+    """A backing file cannot be opened, the chain loops or is too deep."""
+
+
+class ImageLockedError(Qcow2Error):
+    """Another process (e.g. QEMU) holds a lock that conflicts with the operation."""
+
+
+class ReadOnlyImageError(Qcow2Error):
+    """A write was attempted on an image opened read-only (or marked corrupt)."""
