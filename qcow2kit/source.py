@@ -1,0 +1,152 @@
+"""Byte sources: bounds-checked reads from an image file.
+
+Everything qcow2kit reads from a file goes through :meth:`ByteSource.read_at`,
+which refuses reads that start or end outside the file (or overflow) with an
+error naming what was being read.  Two implementations: :class:`PreadSource`
+(``os.pread``, the default, no address-space cost) and :class:`MmapSource`
+(a read-only mapping, cheaper for many small reads of a file that fits the
+address space comfortably).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Literal
+
+from .errors import OutOfBoundsError, Qcow2Error
+
+SourceKind = Literal["pread", "mmap"]
+
+
+class ByteSource:
+    """A read-only view of one file with bounds-checked reads."""
+
+    path: str
+    size: int
+
+    def _read(self, offset: int, length: int) -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _readinto(self, offset: int, buf: memoryview) -> None:
+        buf[:] = self._read(offset, len(buf))
+
+    def check_range(self, offset: int, length: int, *, field: str) -> None:
+        """Raise :class:`OutOfBoundsError` unless [offset, offset+length) lies inside the file."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OutOfBoundsError(
+                f"{self.path}: {field} [{offset:#x}, +{length:#x}) lies outside the file "
+                f"of {self.size} bytes", field=field, offset=offset, path=self.path)
+
+    def read_at(self, offset: int, length: int, *, field: str = "data") -> bytes:
+        """Exactly ``length`` bytes at ``offset``; the whole range must be inside the file."""
+        self.check_range(offset, length, field=field)
+        return self._read(offset, length)
+
+    def readinto_at(self, offset: int, buf: memoryview | bytearray, *, field: str = "data") -> None:
+        """Fill ``buf`` from ``offset``; the whole range must be inside the file."""
+        mv = memoryview(buf).cast("B")
+        self.check_range(offset, len(mv), field=field)
+        self._readinto(offset, mv)
+
+    def read_padded(self, offset: int, length: int, *, field: str = "data") -> bytes:
+        """Read ``length`` bytes, zero-filling whatever lies past the end of the file.
+
+        This is how a file reads in QEMU's file driver beyond EOF; used for the
+        data of raw backing files and for the sector-rounded tail of a
+        compressed cluster.  The start must still be inside (or at the end of) the file.
+        """
+        if offset < 0 or length < 0 or offset > self.size:
+            raise OutOfBoundsError(f"{self.path}: {field} at {offset:#x} lies outside the file "
+                                   f"of {self.size} bytes", field=field, offset=offset,
+                                   path=self.path)
+        avail = min(length, self.size - offset)
+        data = self._read(offset, avail) if avail else b""
+        return data + bytes(length - avail) if avail < length else data
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "ByteSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PreadSource(ByteSource):
+    """Reads with ``os.pread`` on a file descriptor opened read-only."""
+
+    def __init__(self, path: str | os.PathLike[str], *, fd: int | None = None) -> None:
+        self.path = os.fspath(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if fd is None else fd
+        except OSError as exc:
+            raise Qcow2Error(f"{self.path}: cannot open: {exc.strerror}", path=self.path) from exc
+        self.size = os.fstat(self.fd).st_size
+        self.reads = 0          # number of pread calls: I/O counts are asserted in tests
+        self.bytes_read = 0
+
+    def _read(self, offset: int, length: int) -> bytes:
+        chunks = []
+        done = 0
+        while done < length:
+            chunk = os.pread(self.fd, length - done, offset + done)
+            self.reads += 1
+            if not chunk:
+                raise OutOfBoundsError(f"{self.path}: file shrank while reading at {offset + done:#x}",
+                                       offset=offset + done, path=self.path)
+            chunks.append(chunk)
+            done += len(chunk)
+        self.bytes_read += length
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _readinto(self, offset: int, buf: memoryview) -> None:
+        done = 0
+        length = len(buf)
+        while done < length:
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            self.reads += 1
+            if n <= 0:
+                raise OutOfBoundsError(f"{self.path}: file shrank while reading at {offset + done:#x}",
+                                       offset=offset + done, path=self.path)
+            done += n
+        self.bytes_read += length
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class MmapSource(ByteSource):
+    """Reads from a read-only memory mapping of the whole file."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._pread = PreadSource(self.path)
+        self.size = self._pread.size
+        self._map = mmap.mmap(self._pread.fd, 0, access=mmap.ACCESS_READ) if self.size else None
+
+    def _read(self, offset: int, length: int) -> bytes:
+        assert self._map is not None or length == 0
+        return self._map[offset:offset + length] if self._map is not None else b""
+
+    def _readinto(self, offset: int, buf: memoryview) -> None:
+        if self._map is not None:
+            buf[:] = self._map[offset:offset + len(buf)]
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        self._pread.close()
+
+
+def open_source(path: str | os.PathLike[str], kind: SourceKind = "pread") -> ByteSource:
+    """Open ``path`` as a :class:`ByteSource` of the given kind."""
+    if kind == "pread":
+        return PreadSource(path)
+    if kind == "mmap":
+        return MmapSource(path)
+    raise ValueError(f"unknown source kind {kind!r} (expected 'pread' or 'mmap')")

@@ -1,0 +1,179 @@
+"""Vectorized decoding of qcow2 tables: L1, L2 (standard and extended), refcount blocks.
+
+Whole tables are turned into numpy arrays at once; nothing here loops per
+entry in Python.  Cluster kinds follow QEMU's ``qcow2_get_cluster_type`` and
+``qcow2_get_subcluster_type`` (block/qcow2.h).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import spec
+
+# Kinds of a guest unit (a cluster, or a subcluster with extended L2).
+UNALLOCATED = 0   # read from the backing file, or zeros
+ZERO = 1          # reads as zeros, whatever the backing file holds
+DATA = 2          # stored uncompressed at a host offset
+COMPRESSED = 3    # stored compressed at a host byte offset
+INVALID = 4       # both "allocated" and "reads as zero" set for a subcluster
+
+KIND_NAMES = {UNALLOCATED: "unallocated", ZERO: "zero", DATA: "data",
+              COMPRESSED: "compressed", INVALID: "invalid"}
+
+_BE64 = np.dtype(">u8")
+
+
+def decode_u64_table(raw: bytes) -> np.ndarray:
+    """Big-endian 64-bit table (L1, L2, refcount table) as native uint64."""
+    return np.frombuffer(raw, dtype=_BE64).astype(np.uint64)
+
+
+def l1_offsets(l1: np.ndarray) -> np.ndarray:
+    """L2 table offsets of an L1 table (0 = unallocated)."""
+    return l1 & np.uint64(spec.L1E_OFFSET_MASK)
+
+
+@dataclass(frozen=True)
+class L2Geometry:
+    """What is needed to decode the L2 tables of one image."""
+
+    cluster_bits: int
+    extended: bool
+    has_data_file: bool
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def entry_size(self) -> int:
+        return spec.L2_ENTRY_SIZE_EXTENDED if self.extended else spec.L2_ENTRY_SIZE
+
+    @property
+    def l2_entries(self) -> int:
+        return self.cluster_size // self.entry_size
+
+    @property
+    def l2_bits(self) -> int:
+        return self.l2_entries.bit_length() - 1
+
+    @property
+    def units_per_cluster(self) -> int:
+        return spec.SUBCLUSTERS_PER_CLUSTER if self.extended else 1
+
+    @property
+    def unit_bits(self) -> int:
+        return self.cluster_bits - (5 if self.extended else 0)
+
+    @property
+    def csize_shift(self) -> int:
+        """Bit position of the compressed sector count (62 - (cluster_bits - 8))."""
+        return 62 - (self.cluster_bits - 8)
+
+
+@dataclass
+class L2Units:
+    """An L2 table (or a slice of it) decoded into per-unit arrays.
+
+    One unit is a cluster (standard L2) or a subcluster (extended L2).
+    ``host`` is the host byte offset of the unit's data for DATA units (in
+    the data file when there is one), the compressed stream's byte offset for
+    COMPRESSED units, and 0 otherwise; ``csize`` is the compressed length in
+    bytes (COMPRESSED units only).
+    """
+
+    kind: np.ndarray      # uint8
+    host: np.ndarray      # uint64
+    csize: np.ndarray     # uint64
+    entry: np.ndarray     # uint64: the raw first word of the cluster's entry
+
+
+def decode_l2(raw: bytes, geo: L2Geometry) -> tuple[np.ndarray, np.ndarray | None]:
+    """Split a raw L2 table into its entry words (and subcluster bitmaps when extended)."""
+    words = decode_u64_table(raw)
+    if geo.extended:
+        return words[0::2], words[1::2]
+    return words, None
+
+
+def classify(entries: np.ndarray, bitmaps: np.ndarray | None, geo: L2Geometry) -> L2Units:
+    """Decode L2 entries into units, as QEMU classifies them.
+
+    Standard L2 entries give one unit per cluster; extended ones 32 units,
+    one per subcluster, with host offsets stepping by the subcluster size.
+    """
+    offset = entries & np.uint64(spec.L2E_OFFSET_MASK)
+    compressed = (entries & np.uint64(spec.OFLAG_COMPRESSED)) != 0
+    copied = (entries & np.uint64(spec.OFLAG_COPIED)) != 0
+    has_offset = offset != 0
+    if geo.has_data_file:
+        # Offset 0 is a valid data-file offset; COPIED disambiguates (QEMU does the same).
+        has_offset = has_offset | copied
+
+    shift = np.uint64(geo.csize_shift)
+    coffset = entries & np.uint64((1 << geo.csize_shift) - 1)
+    nsect = ((entries >> shift) & np.uint64((1 << (geo.cluster_bits - 8)) - 1)) + np.uint64(1)
+    csize = nsect * np.uint64(512) - (coffset & np.uint64(511))
+
+    if not geo.extended:
+        zero = (entries & np.uint64(spec.OFLAG_ZERO)) != 0
+        kind = np.where(compressed, COMPRESSED,
+                        np.where(zero, ZERO, np.where(has_offset, DATA, UNALLOCATED))).astype(np.uint8)
+        host = np.where(compressed, coffset, np.where(kind == DATA, offset, 0)).astype(np.uint64)
+        csize = np.where(compressed, csize, 0).astype(np.uint64)
+        return L2Units(kind, host, csize, entries)
+
+    assert bitmaps is not None
+    n = entries.shape[0]
+    sc = spec.SUBCLUSTERS_PER_CLUSTER
+    bit = np.arange(sc, dtype=np.uint64)
+    alloc = ((bitmaps[:, None] >> bit) & np.uint64(1)).astype(bool)
+    zero = ((bitmaps[:, None] >> (bit + np.uint64(32))) & np.uint64(1)).astype(bool)
+    comp = np.repeat(compressed[:, None], sc, axis=1)
+    kind = np.where(alloc & zero, INVALID,
+                    np.where(zero, ZERO,
+                             np.where(alloc, np.where(has_offset[:, None], DATA, INVALID), UNALLOCATED)))
+    kind = np.where(comp, COMPRESSED, kind).astype(np.uint8)
+    sc_size = np.uint64(1 << (geo.cluster_bits - 5))
+    host = np.where(kind == DATA, offset[:, None] + bit * sc_size, 0)
+    host = np.where(comp, coffset[:, None], host).astype(np.uint64)
+    csz = np.where(comp, csize[:, None], 0).astype(np.uint64)
+    return L2Units(kind.reshape(n * sc), host.reshape(n * sc), csz.reshape(n * sc),
+                   np.repeat(entries, sc))
+
+
+def decode_refcount_block(raw: bytes, refcount_order: int) -> np.ndarray:
+    """A refcount block as uint64 counts; widths below 8 bits are packed LSB first."""
+    bits = 1 << refcount_order
+    if bits >= 8:
+        return np.frombuffer(raw, dtype=np.dtype(f">u{bits // 8}")).astype(np.uint64)
+    packed = np.frombuffer(raw, dtype=np.uint8)
+    per_byte = 8 // bits
+    shifts = np.arange(per_byte, dtype=np.uint8) * bits
+    vals = (packed[:, None] >> shifts) & np.uint8((1 << bits) - 1)
+    return vals.reshape(-1).astype(np.uint64)
+
+
+def run_boundaries(kind: np.ndarray, host: np.ndarray, step: int,
+                   units_per_cluster: int = 1) -> np.ndarray:
+    """Indices where a new run starts: kind changes, or a DATA unit is not host-contiguous.
+
+    A COMPRESSED cluster is one run of its own (each is its own stream), and
+    every INVALID unit is its own run.  ``kind`` must start at a cluster
+    boundary.  The result starts with 0; runs are [b[i], b[i+1]).
+    """
+    n = kind.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    brk = np.empty(n, dtype=bool)
+    brk[0] = True
+    brk[1:] = kind[1:] != kind[:-1]
+    data = kind[1:] == DATA
+    brk[1:] |= data & (host[1:] != host[:-1] + np.uint64(step))
+    cluster_start = (np.arange(1, n) % units_per_cluster) == 0
+    brk[1:] |= (kind[1:] == COMPRESSED) & cluster_start
+    brk[1:] |= kind[1:] == INVALID
+    return np.flatnonzero(brk)
