@@ -1,0 +1,23 @@
+"""qcow2kit: a pure-Python toolkit for qcow2 disk images.
+
+>>> import qcow2kit
+>>> with qcow2kit.open("disk.qcow2") as img:          # doctest: +SKIP
+...     print(img.size, img.cluster_size, img.header.compression_name)
+...     first_sector = img.read(0, 512)
+"""
+
+from __future__ import annotations
+
+from .errors import (BackingChainError, CorruptImageError, ImageLockedError, InvalidHeaderError,
+                     NotQcow2Error, OutOfBoundsError, Qcow2Error, ReadOnlyImageError,
+                     UnsupportedFeatureError)
+from .image import Bitmap, Header, Image, RawImage, Segment, Snapshot, open
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Image", "RawImage", "Header", "Snapshot", "Bitmap", "Segment", "open", "__version__",
+    "Qcow2Error", "NotQcow2Error", "InvalidHeaderError", "CorruptImageError",
+    "UnsupportedFeatureError", "OutOfBoundsError", "BackingChainError", "ImageLockedError",
+    "ReadOnlyImageError",
+]
