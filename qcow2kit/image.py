@@ -566,7 +566,8 @@ class Image:
             src = open_source(name, self._source_kind)
         except Qcow2Error as exc:
             raise BackingChainError(f"{self.filename}: cannot open backing file {name!r}: "
-                                    f"{exc}", path=self.filename) from exc
+                                    f"{exc.message}", field="backing_file_offset", offset=8,
+                                    path=self.filename) from exc
         fmt = self.header.backing_format
         if fmt is None:  # probe, as QEMU does when no format is recorded
             fmt = "qcow2" if src.size >= 4 and src.read_at(0, 4) == spec.QCOW_MAGIC else "raw"
@@ -582,7 +583,15 @@ class Image:
             raise
         src.close()
         raise UnsupportedFeatureError(f"{self.filename}: backing file format {fmt!r} is not "
-                                      f"supported (qcow2 and raw are)", path=self.filename)
+                                      f"supported (qcow2 and raw are)", field="backing format",
+                                      offset=self._ext_offset(spec.EXT_BACKING_FORMAT),
+                                      path=self.filename)
+
+    def _ext_offset(self, ext_type: int) -> int | None:
+        for ext in self.header.extensions:
+            if ext.type == ext_type:
+                return ext.offset
+        return None
 
     def chain(self) -> list["Image | RawImage"]:
         """This image and its backing images, top first."""
@@ -604,8 +613,10 @@ class Image:
             try:
                 self._data_src = open_source(path, self._source_kind)
             except Qcow2Error as exc:
-                raise Qcow2Error(f"{self.filename}: cannot open external data file {path!r}: "
-                                 f"{exc}", path=self.filename) from exc
+                raise CorruptImageError(f"{self.filename}: cannot open external data file "
+                                        f"{path!r}: {exc.message}", field="data file extension",
+                                        offset=self._ext_offset(spec.EXT_DATA_FILE),
+                                        path=self.filename) from exc
         return self._data_src
 
     # -- metadata tables ---------------------------------------------------
@@ -745,6 +756,16 @@ class Image:
         self._l2_cache_used += self.cluster_size
         return entry
 
+    def _l2_error(self, l1_index: int, guest: int, fld: str, what: str) -> CorruptImageError:
+        """A CorruptImageError pointing at the L2 entry (or its bitmap word) of ``guest``."""
+        geo = self.geometry
+        l2_index = (guest >> self.cluster_bits) & (geo.l2_entries - 1)
+        entry = (int(self.l1_table[l1_index]) & spec.L1E_OFFSET_MASK) + l2_index * geo.entry_size
+        if fld == "l2 bitmap":
+            entry += 8
+        return CorruptImageError(f"{self.filename}: {what} (L1 index {l1_index}, L2 index "
+                                 f"{l2_index})", field=fld, offset=entry, path=self.filename)
+
     def segments(self, offset: int, length: int) -> Iterator[Segment]:
         """Resolve the guest range to runs of one kind in this image alone (no backing).
 
@@ -785,24 +806,20 @@ class Image:
                 if kind == T.DATA:
                     host = int(units.host[a])
                     if host % unit:
-                        ci = (g0 - l2_base) >> cb
-                        raise CorruptImageError(
-                            f"{self.filename}: data cluster offset {host:#x} is not aligned "
-                            f"(L1 index {l1_index}, L2 index {ci})", field="l2 entry",
-                            offset=(int(self.l1_table[l1_index]) & spec.L1E_OFFSET_MASK)
-                            + ci * geo.entry_size, path=self.filename)
+                        raise self._l2_error(l1_index, g0, "l2 entry",
+                                             f"data cluster offset {host:#x} is not aligned")
                     yield Segment(s, e - s, kind, host + (s - g0))
                 elif kind == T.COMPRESSED:
+                    coffset = int(units.host[a])
+                    if coffset >= self.src.size:
+                        raise self._l2_error(l1_index, g0, "l2 entry",
+                                             f"compressed cluster at {coffset:#x} lies beyond "
+                                             f"the end of the file ({self.src.size} bytes)")
                     cstart = (g0 >> cb) << cb
-                    yield Segment(s, e - s, kind, int(units.host[a]), int(units.csize[a]),
-                                  s - cstart)
+                    yield Segment(s, e - s, kind, coffset, int(units.csize[a]), s - cstart)
                 elif kind == T.INVALID:
-                    ci = (g0 - l2_base) >> cb
-                    raise CorruptImageError(
-                        f"{self.filename}: invalid subcluster state at guest offset {g0:#x} "
-                        f"(L1 index {l1_index}, L2 index {ci})", field="l2 bitmap",
-                        offset=(int(self.l1_table[l1_index]) & spec.L1E_OFFSET_MASK)
-                        + ci * geo.entry_size + 8, path=self.filename)
+                    raise self._l2_error(l1_index, g0, "l2 bitmap",
+                                         f"invalid subcluster state at guest offset {g0:#x}")
                 else:
                     yield Segment(s, e - s, kind)
             pos = span_end
@@ -814,10 +831,6 @@ class Image:
         if cached is not None:
             self._dcache.move_to_end(coffset)
             return cached
-        if coffset >= spec.HOST_OFFSET_LIMIT or coffset > self.src.size:
-            raise CorruptImageError(f"{self.filename}: compressed cluster at {coffset:#x} lies "
-                                    f"beyond the end of the file", field="l2 entry",
-                                    offset=coffset, path=self.filename)
         # The sector-rounded length may run past EOF: QEMU reads that tail as zeros.
         comp = self.src.read_padded(coffset, csize, field="compressed cluster")
         cs = self.cluster_size

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 from typing import Literal
 
 from .errors import OutOfBoundsError, Qcow2Error
@@ -83,7 +84,15 @@ class PreadSource(ByteSource):
             self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if fd is None else fd
         except OSError as exc:
             raise Qcow2Error(f"{self.path}: cannot open: {exc.strerror}", path=self.path) from exc
-        self.size = os.fstat(self.fd).st_size
+        st = os.fstat(self.fd)
+        if stat.S_ISBLK(st.st_mode):
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        elif stat.S_ISREG(st.st_mode):
+            self.size = st.st_size
+        else:
+            if fd is None:
+                os.close(self.fd)
+            raise Qcow2Error(f"{self.path}: not a regular file or block device", path=self.path)
         self.reads = 0          # number of pread calls: I/O counts are asserted in tests
         self.bytes_read = 0
 
