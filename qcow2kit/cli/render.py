@@ -1,0 +1,672 @@
+"""Output formatting that matches qemu-img 7.2 byte for byte.
+
+This is the only module that formats what the command line prints.  It knows:
+
+* how QEMU orders the members of a JSON object.  ``qemu-img`` builds a QDict
+  (qobject/qdict.c) from its QAPI structs and prints it by iterating the
+  hash table: 512 buckets, bucket = tdb hash of the key modulo 512, every
+  bucket a list with the newest insertion at its head, buckets visited in
+  index order (:func:`qdict_order`).  The insertion order is the order in
+  which the QAPI output visitor visits the members, i.e. the order they are
+  declared in qapi/block-core.json and qapi/crypto.json (:data:`QAPI_STRUCTS`).
+* QEMU's JSON writer (util/json-writer.c): 4-space indentation, ``"key": value``,
+  empty containers, string escapes (:func:`to_qemu_json`).
+* ``qemu-img map``'s hand-written JSON lines (:func:`map_entry_json`) and its
+  human table (:func:`render_map_human`).
+* ``qemu-img info``'s human output (block/qapi.c ``bdrv_image_info_dump``,
+  ``bdrv_snapshot_dump``, the recursive format-specific dump) and
+  ``size_to_str`` (util/cutils.c).
+
+The renderers return text; only :func:`emit`, :func:`error` and
+:func:`progress_bar` at the end of the module write to a stream.  Input dicts
+use the JSON (QAPI) member names, as ``qemu-img --output=json`` prints them;
+their Python order does not matter for members the schema knows (members it
+does not know are taken as inserted after the known ones, in dict order).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+__all__ = [
+    "QDICT_BUCKET_MAX",
+    "QAPI_STRUCTS",
+    "qdict_hash",
+    "qdict_order",
+    "to_qemu_json",
+    "render_info_json",
+    "render_info_chain_json",
+    "render_check_json",
+    "render_check_human",
+    "render_measure_json",
+    "map_entry_json",
+    "render_map_json",
+    "render_map_human",
+    "size_to_str",
+    "render_snapshot_table",
+    "render_info_human",
+    "render_info_chain_human",
+    "emit",
+    "error",
+    "progress_bar",
+]
+
+# --------------------------------------------------------------------------
+# QDict iteration order
+# --------------------------------------------------------------------------
+
+QDICT_BUCKET_MAX = 512   # qobject/qdict.c
+
+
+def qdict_hash(key: str) -> int:
+    """The tdb hash QEMU's QDict uses for ``key`` (32-bit unsigned result).
+
+    The value starts as 0x238F13AF times the byte length; every byte ``c`` at
+    index ``i`` adds ``c << (i*5 % 24)``; the result is scrambled as a linear
+    congruential step.  All arithmetic wraps at 32 bits.
+    """
+    data = key.encode("utf-8", "surrogateescape")
+    value = (0x238F13AF * len(data)) & 0xFFFFFFFF
+    for i, byte in enumerate(data):
+        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
+    return (1103515243 * value + 12345) & 0xFFFFFFFF
+
+
+def qdict_order(keys: Sequence[str]) -> list[str]:
+    """The order a QDict iterates keys that were inserted in ``keys`` order.
+
+    Buckets in increasing index; within a bucket the newest insertion first.
+    A key inserted twice keeps its first position (QEMU replaces the value).
+    """
+    buckets: dict[int, list[str]] = {}
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            continue
+        seen.add(key)
+        buckets.setdefault(qdict_hash(key) % QDICT_BUCKET_MAX, []).append(key)
+    out: list[str] = []
+    for index in sorted(buckets):
+        out.extend(reversed(buckets[index]))
+    return out
+
+
+# --------------------------------------------------------------------------
+# QAPI member declaration order (QEMU 7.2) == QDict insertion order
+# --------------------------------------------------------------------------
+#
+# A type reference is None (scalar / enum / list of scalars), a struct name,
+# or a one-element list [struct name] for a list of structs.  A union is a
+# struct with a discriminator: its base members come first, then the members
+# of the variant struct chosen by the discriminator's value.
+
+class _Struct:
+    __slots__ = ("members", "discriminator", "variants")
+
+    def __init__(self, members: Iterable[tuple[str, Any]],
+                 discriminator: str | None = None,
+                 variants: Mapping[str, str] | None = None) -> None:
+        self.members = tuple(members)
+        self.discriminator = discriminator
+        self.variants = dict(variants or {})
+
+
+def _plain(*names: str) -> list[tuple[str, Any]]:
+    return [(n, None) for n in names]
+
+
+QAPI_STRUCTS: dict[str, _Struct] = {
+    # qapi/block-core.json
+    "ImageInfo": _Struct(
+        _plain("filename", "format", "dirty-flag", "actual-size", "virtual-size",
+               "cluster-size", "encrypted", "compressed", "backing-filename",
+               "full-backing-filename", "backing-filename-format")
+        + [("snapshots", ["SnapshotInfo"]),
+           ("backing-image", "ImageInfo"),
+           ("format-specific", "ImageInfoSpecific")]),
+    "SnapshotInfo": _Struct(
+        _plain("id", "name", "vm-state-size", "date-sec", "date-nsec",
+               "vm-clock-sec", "vm-clock-nsec", "icount")),
+    "ImageInfoSpecific": _Struct(
+        _plain("type"), "type",
+        {"qcow2": "ImageInfoSpecificQCow2Wrapper",
+         "vmdk": "ImageInfoSpecificVmdkWrapper",
+         "luks": "QCryptoBlockInfoLUKSWrapper",
+         "rbd": "ImageInfoSpecificRbdWrapper",
+         "file": "ImageInfoSpecificFileWrapper"}),
+    "ImageInfoSpecificQCow2Wrapper": _Struct([("data", "ImageInfoSpecificQCow2")]),
+    "ImageInfoSpecificVmdkWrapper": _Struct([("data", "ImageInfoSpecificVmdk")]),
+    "QCryptoBlockInfoLUKSWrapper": _Struct([("data", "QCryptoBlockInfoLUKS")]),
+    "ImageInfoSpecificRbdWrapper": _Struct([("data", "ImageInfoSpecificRbd")]),
+    "ImageInfoSpecificFileWrapper": _Struct([("data", "ImageInfoSpecificFile")]),
+    "ImageInfoSpecificQCow2": _Struct(
+        _plain("compat", "data-file", "data-file-raw", "extended-l2",
+               "lazy-refcounts", "corrupt", "refcount-bits")
+        + [("encrypt", "ImageInfoSpecificQCow2Encryption"),
+           ("bitmaps", ["Qcow2BitmapInfo"]),
+           ("compression-type", None)]),
+    "ImageInfoSpecificQCow2Encryption": _Struct(
+        _plain("format"), "format",
+        {"aes": "QCryptoBlockInfoQCow", "luks": "QCryptoBlockInfoLUKS"}),
+    "Qcow2BitmapInfo": _Struct(_plain("name", "granularity", "flags")),
+    "ImageInfoSpecificVmdk": _Struct(
+        _plain("create-type", "cid", "parent-cid") + [("extents", ["ImageInfo"])]),
+    "ImageInfoSpecificRbd": _Struct(_plain("encryption-format")),
+    "ImageInfoSpecificFile": _Struct(_plain("extent-size-hint")),
+    "ImageCheck": _Struct(
+        _plain("filename", "format", "check-errors", "image-end-offset",
+               "corruptions", "leaks", "corruptions-fixed", "leaks-fixed",
+               "total-clusters", "allocated-clusters", "fragmented-clusters",
+               "compressed-clusters")),
+    "BlockMeasureInfo": _Struct(_plain("required", "fully-allocated", "bitmaps")),
+    # qapi/crypto.json
+    "QCryptoBlockInfoQCow": _Struct([]),
+    "QCryptoBlockInfoLUKS": _Struct(
+        _plain("cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg",
+               "hash-alg", "payload-offset", "master-key-iters", "uuid")
+        + [("slots", ["QCryptoBlockInfoLUKSSlot"])]),
+    "QCryptoBlockInfoLUKSSlot": _Struct(_plain("active", "iters", "stripes", "key-offset")),
+}
+
+# When a dict's type is not known from its parent, the first of these whose
+# members include all of the dict's keys is assumed.
+_GUESS_ORDER = (
+    "ImageInfo", "ImageCheck", "BlockMeasureInfo", "SnapshotInfo",
+    "ImageInfoSpecific", "ImageInfoSpecificQCow2", "ImageInfoSpecificQCow2Encryption",
+    "QCryptoBlockInfoLUKS", "QCryptoBlockInfoLUKSSlot", "Qcow2BitmapInfo",
+    "ImageInfoSpecificVmdk", "ImageInfoSpecificRbd", "ImageInfoSpecificFile",
+)
+
+
+def _members(d: Mapping[str, Any], type_name: str) -> list[tuple[str, Any]]:
+    """Members of ``type_name`` in visit order, variant members resolved from ``d``."""
+    struct = QAPI_STRUCTS[type_name]
+    members = list(struct.members)
+    if struct.discriminator is not None:
+        variant = struct.variants.get(d.get(struct.discriminator))
+        if variant is not None:
+            members += _members(d, variant)
+    return members
+
+
+def _guess_type(d: Mapping[str, Any]) -> str | None:
+    keys = set(d)
+    for name in _GUESS_ORDER:
+        if keys <= {m for m, _ in _members(d, name)}:
+            return name
+    return None
+
+
+def _ordered_items(d: Mapping[str, Any], type_ref: Any) -> list[tuple[str, Any, Any]]:
+    """``(key, value, member type)`` of ``d`` in the order QEMU prints them."""
+    type_name = type_ref if isinstance(type_ref, str) else None
+    if type_name not in QAPI_STRUCTS:
+        type_name = _guess_type(d)
+    members = dict(_members(d, type_name)) if type_name else {}
+    rank = {name: i for i, name in enumerate(members)}
+    known = sorted((k for k in d if k in rank), key=rank.__getitem__)
+    inserted = known + [k for k in d if k not in rank]
+    return [(k, d[k], members.get(k)) for k in qdict_order(inserted)]
+
+
+def _element_type(type_ref: Any) -> Any:
+    if isinstance(type_ref, list) and type_ref:
+        return type_ref[0]
+    return None
+
+
+# --------------------------------------------------------------------------
+# QEMU's JSON writer
+# --------------------------------------------------------------------------
+
+def _c_bytes(s: str) -> bytes:
+    """The bytes QEMU would hold for ``s``: surrogate escapes (``os.fsdecode``)
+    go back to their raw byte, any other lone surrogate to an encoded
+    surrogate (which QEMU's decoder rejects, as it would the original)."""
+    try:
+        return s.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return b"".join(bytes([ord(c) - 0xDC00]) if 0xDC80 <= ord(c) <= 0xDCFF
+                        else c.encode("utf-8", "surrogatepass") for c in s)
+
+
+def _qemu_codepoints(raw: bytes) -> Iterable[int]:
+    """Decode like QEMU's ``mod_utf8_codepoint()``: -1 for every invalid
+    sequence (QEMU prints U+FFFD for it).
+
+    Learned from its behaviour: one -1 per stray continuation byte or 0xFE/0xFF;
+    a truncated sequence is one -1 covering its lead byte and the continuation
+    bytes present; 5- and 6-byte forms, overlong forms (except C0 80, which is
+    modified UTF-8's NUL), surrogates, noncharacters and code points above
+    U+10FFFF are one -1 each.
+    """
+    i, n = 0, len(raw)
+    while i < n:
+        lead = raw[i]
+        if lead < 0x80:
+            yield lead
+            i += 1
+            continue
+        if lead < 0xC0 or lead >= 0xFE:
+            yield -1
+            i += 1
+            continue
+        length = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4 if lead < 0xF8 \
+            else 5 if lead < 0xFC else 6
+        cp = lead & (0x7F >> length)
+        j = i + 1
+        while j < i + length and j < n and 0x80 <= raw[j] < 0xC0:
+            cp = (cp << 6) | (raw[j] & 0x3F)
+            j += 1
+        truncated = j < i + length
+        i = j
+        if truncated:
+            yield -1
+        elif length == 2 and cp == 0:
+            yield 0
+        elif cp < (0x80, 0x800, 0x10000, 0x200000, 0x4000000)[length - 2]:
+            yield -1
+        elif (cp > 0x10FFFF or 0xD800 <= cp <= 0xDFFF or 0xFDD0 <= cp <= 0xFDEF
+              or (cp & 0xFFFE) == 0xFFFE):
+            yield -1
+        else:
+            yield cp
+
+
+_ESCAPES = {0x22: '\\"', 0x5C: "\\\\", 0x08: "\\b", 0x0C: "\\f", 0x0A: "\\n",
+            0x0D: "\\r", 0x09: "\\t"}
+
+
+def _quote(s: str) -> str:
+    """A JSON string as QEMU writes it: printable ASCII stays literal, the
+    usual short escapes, ``\\uXXXX`` (upper-case hex, surrogate pairs beyond
+    the BMP) for everything else, U+FFFD for invalid UTF-8."""
+    out = ['"']
+    for cp in _qemu_codepoints(_c_bytes(s)):
+        if cp in _ESCAPES:
+            out.append(_ESCAPES[cp])
+            continue
+        if cp < 0:
+            cp = 0xFFFD
+        if cp > 0xFFFF:
+            cp -= 0x10000
+            out.append("\\u%04X\\u%04X" % (0xD800 + (cp >> 10), 0xDC00 + (cp & 0x3FF)))
+        elif cp < 0x20 or cp >= 0x7F:
+            out.append("\\u%04X" % cp)
+        else:
+            out.append(chr(cp))
+    out.append('"')
+    return "".join(out)
+
+
+def _scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        return "%.17g" % value
+    if isinstance(value, str):
+        return _quote(value)
+    raise TypeError(f"cannot render {type(value).__name__} as QEMU JSON")
+
+
+def _write(out: list[str], value: Any, type_ref: Any, depth: int, pretty: bool) -> None:
+    if isinstance(value, Mapping):
+        _write_container(out, "{", "}", _ordered_items(value, type_ref), depth, pretty)
+    elif isinstance(value, (list, tuple)):
+        elem = _element_type(type_ref)
+        items = [(None, v, elem) for v in value]
+        _write_container(out, "[", "]", items, depth, pretty)
+    else:
+        out.append(_scalar(value))
+
+
+def _write_container(out: list[str], opening: str, closing: str,
+                     items: list[tuple[str | None, Any, Any]], depth: int,
+                     pretty: bool) -> None:
+    # json-writer.c: every member starts on a new line indented one level
+    # deeper; the closing bracket always gets a newline at the container's
+    # own level, even when there are no members ("[\n    ]").
+    out.append(opening)
+    inner = "\n" + " " * (4 * (depth + 1))
+    for i, (key, val, typ) in enumerate(items):
+        if i:
+            out.append(",")
+            out.append(inner if pretty else " ")
+        elif pretty:
+            out.append(inner)
+        if key is not None:
+            out.append(_quote(key))
+            out.append(": ")
+        _write(out, val, typ, depth + 1, pretty)
+    if pretty:
+        out.append("\n" + " " * (4 * depth))
+    out.append(closing)
+
+
+def to_qemu_json(obj: Any, pretty: bool = True, qapi_type: str | None = None) -> str:
+    """``obj`` as QEMU's ``qobject_to_json[_pretty]()`` writes it (no final newline).
+
+    Dict members are ordered as a QDict holding them would iterate them; the
+    insertion order comes from ``qapi_type`` (a key of :data:`QAPI_STRUCTS`) or
+    is guessed from the keys.  For a list, ``qapi_type`` names its elements.
+    """
+    out: list[str] = []
+    type_ref: Any = qapi_type
+    if isinstance(obj, (list, tuple)) and qapi_type is not None:
+        type_ref = [qapi_type]
+    _write(out, obj, type_ref, 0, pretty)
+    return "".join(out)
+
+
+def render_info_json(info: Mapping[str, Any]) -> str:
+    """``qemu-img info --output=json`` for one image (with the final newline)."""
+    return to_qemu_json(info, qapi_type="ImageInfo") + "\n"
+
+
+def render_info_chain_json(infos: Sequence[Mapping[str, Any]]) -> str:
+    """``qemu-img info --backing-chain --output=json``: a list of ImageInfo."""
+    return to_qemu_json(list(infos), qapi_type="ImageInfo") + "\n"
+
+
+def render_check_json(check: Mapping[str, Any]) -> str:
+    """``qemu-img check --output=json`` (ImageCheck)."""
+    return to_qemu_json(check, qapi_type="ImageCheck") + "\n"
+
+
+def render_measure_json(measure: Mapping[str, Any]) -> str:
+    """``qemu-img measure --output=json`` (BlockMeasureInfo)."""
+    return to_qemu_json(measure, qapi_type="BlockMeasureInfo") + "\n"
+
+
+def render_check_human(check: Mapping[str, Any]) -> str:
+    """The summary ``qemu-img check`` prints on stdout (qemu-img.c
+    ``dump_human_image_check``), from an ImageCheck dict.
+
+    Only the summary: the per-cluster ``ERROR``/``Leaked cluster`` lines go to
+    stderr, and the repair report of ``-r`` is not included.
+    """
+    corruptions = check.get("corruptions") or 0
+    leaks = check.get("leaks") or 0
+    errors = check.get("check-errors") or 0
+    out: list[str] = []
+    if not (corruptions or leaks or errors):
+        out.append("No errors were found on the image.\n")
+    else:
+        if corruptions:
+            out.append("\n%d errors were found on the image.\n"
+                       "Data may be corrupted, or further writes to the image may corrupt it.\n"
+                       % corruptions)
+        if leaks:
+            out.append("\n%d leaked clusters were found on the image.\n"
+                       "This means waste of disk space, but no harm to data.\n" % leaks)
+        if errors:
+            out.append("\n%d internal errors have occurred during the check.\n" % errors)
+    total = check.get("total-clusters") or 0
+    allocated = check.get("allocated-clusters") or 0
+    if total and allocated:
+        fragmented = check.get("fragmented-clusters") or 0
+        compressed = check.get("compressed-clusters") or 0
+        out.append("%d/%d = %0.2f%% allocated, %0.2f%% fragmented, %0.2f%% compressed clusters\n"
+                   % (allocated, total, allocated * 100.0 / total,
+                      fragmented * 100.0 / allocated, compressed * 100.0 / allocated))
+    if check.get("image-end-offset"):
+        out.append("Image end offset: %d\n" % check["image-end-offset"])
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------
+# qemu-img map
+# --------------------------------------------------------------------------
+
+def _bool(v: Any) -> str:
+    return "true" if v else "false"
+
+
+def map_entry_json(entry: Mapping[str, Any]) -> str:
+    """One ``qemu-img map --output=json`` entry (qemu-img.c ``dump_map_entry``).
+
+    Fixed order start, length, depth, present, zero, data, then offset only
+    when the entry has one; no separator and no newline.
+    """
+    text = ('{ "start": %d, "length": %d, "depth": %d, "present": %s, "zero": %s, "data": %s'
+            % (entry["start"], entry["length"], entry["depth"], _bool(entry["present"]),
+               _bool(entry["zero"]), _bool(entry["data"])))
+    if entry.get("offset") is not None:
+        text += ', "offset": %d' % entry["offset"]
+    return text + "}"
+
+
+def render_map_json(entries: Iterable[Mapping[str, Any]]) -> str:
+    """The whole ``qemu-img map --output=json`` output.
+
+    ``[``, the entries joined by ``,\\n``, then ``]\\n``.
+    """
+    return "[" + ",\n".join(map_entry_json(e) for e in entries) + "]\n"
+
+
+def _hash_hex(n: int) -> str:
+    # printf("%#x"): "0x..." except for zero, which is plain "0"
+    return "%#x" % n if n else "0"
+
+
+def render_map_human(entries: Iterable[Mapping[str, Any]]) -> str:
+    """``qemu-img map`` human output.
+
+    Entries need ``filename`` (the file the data lives in) besides the JSON
+    members.  Only entries with data that does not read as zeroes are listed.
+    Raises ``ValueError`` where qemu-img fails: data without a host offset
+    ("File contains external, encrypted or compressed clusters.").
+    """
+    lines = ["%-16s%-16s%-16s%s\n" % ("Offset", "Length", "Mapped to", "File")]
+    for e in entries:
+        if e["data"] and e.get("offset") is None:
+            raise ValueError("File contains external, encrypted or compressed clusters.")
+        if e["data"] and not e["zero"]:
+            lines.append("%-16s%-16s%-16s%s\n" % (
+                _hash_hex(e["start"]), _hash_hex(e["length"]),
+                _hash_hex(e.get("offset") or 0), e.get("filename") or ""))
+    return "".join(lines)
+
+
+# --------------------------------------------------------------------------
+# qemu-img info, human form
+# --------------------------------------------------------------------------
+
+_SIZE_SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+
+
+def size_to_str(n: int) -> str:
+    """QEMU's ``size_to_str``: 3 significant digits and a binary unit.
+
+    The unit switches one step early, so that the number stays below 1000
+    (1000 KiB shows as "0.977 MiB").  ``0`` is "0 B".
+    """
+    n = int(n) & 0xFFFFFFFFFFFFFFFF           # the C argument is a uint64_t
+    _, exp = math.frexp(n / (1000.0 / 1024.0))
+    i = int((exp - 1) / 10)                   # C division truncates toward zero
+    div = 1 << (i * 10)
+    return "%0.3g %sB" % (n / div, _SIZE_SUFFIXES[i])
+
+
+def _c_pad(s: str, width: int, limit: int, left: bool = True) -> bytes:
+    """printf("%-*s") on a string cut to ``limit - 1`` bytes (pstrcpy), in bytes."""
+    raw = s.encode("utf-8", "surrogateescape")[: limit - 1]
+    pad = b" " * max(0, width - len(raw))
+    return raw + pad if left else pad + raw
+
+
+def render_snapshot_table(snapshots: Sequence[Mapping[str, Any]]) -> str:
+    """The ``Snapshot list:`` table (header, then one line per snapshot).
+
+    Dates are local time, as QEMU's ``localtime_r``: set ``TZ`` to compare.
+    """
+    lines = ["%-10s%-17s%8s%20s%13s%11s\n" % ("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")]
+    for sn in snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn["date-sec"]))
+        clock_ns = sn["vm-clock-sec"] * 1_000_000_000 + sn["vm-clock-nsec"]
+        secs = clock_ns // 1_000_000_000
+        clock = "%02d:%02d:%02d.%03d" % (secs // 3600, (secs // 60) % 60, secs % 60,
+                                        (clock_ns // 1_000_000) % 1000)
+        icount = sn.get("icount")
+        icount_s = "" if icount is None or icount == -1 or icount == 0xFFFFFFFFFFFFFFFF \
+            else str(icount)
+        # "%-9s %-16s %8s%20s%13s%11s": id_str is char[128], name char[256]
+        line = (_c_pad(sn["id"], 9, 128) + b" " + _c_pad(sn["name"], 16, 256) + b" "
+                + ("%8s%20s%13s%11s\n" % (size_to_str(sn["vm-state-size"]), date, clock,
+                                          icount_s)).encode())
+        lines.append(line.decode("utf-8", "surrogateescape"))
+    return "".join(lines)
+
+
+def _dump_value(out: list[str], value: Any, type_ref: Any, indent: int) -> None:
+    if isinstance(value, Mapping):
+        _dump_dict(out, value, type_ref, indent)
+    elif isinstance(value, (list, tuple)):
+        _dump_list(out, value, _element_type(type_ref), indent)
+    elif value is True or value is False:
+        out.append("true" if value else "false")
+    elif isinstance(value, int):
+        out.append(str(int(value)))
+    elif isinstance(value, float):
+        out.append("%.17g" % value)
+    elif isinstance(value, str):
+        out.append(value)
+    else:
+        raise TypeError(f"cannot dump {type(value).__name__}")
+
+
+def _is_composite(value: Any) -> bool:
+    return isinstance(value, (Mapping, list, tuple))
+
+
+def _dump_dict(out: list[str], d: Mapping[str, Any], type_ref: Any, indent: int) -> None:
+    for key, value, typ in _ordered_items(d, type_ref):
+        composite = _is_composite(value)
+        out.append("%s%s:%s" % (" " * (4 * indent), key.replace("-", " "),
+                                "\n" if composite else " "))
+        _dump_value(out, value, typ, indent + 1)
+        if not composite:
+            out.append("\n")
+
+
+def _dump_list(out: list[str], items: Sequence[Any], elem_type: Any, indent: int) -> None:
+    for i, value in enumerate(items):
+        composite = _is_composite(value)
+        out.append("%s[%d]:%s" % (" " * (4 * indent), i, "\n" if composite else " "))
+        _dump_value(out, value, elem_type, indent + 1)
+        if not composite:
+            out.append("\n")
+
+
+def render_info_human(info: Mapping[str, Any]) -> str:
+    """``qemu-img info`` human output for one image, from its JSON-form dict."""
+    out: list[str] = []
+    actual = info.get("actual-size")
+    disk = "unavailable" if actual is None else size_to_str(actual)
+    out.append("image: %s\nfile format: %s\nvirtual size: %s (%d bytes)\ndisk size: %s\n"
+               % (info["filename"], info["format"], size_to_str(info["virtual-size"]),
+                  info["virtual-size"], disk))
+    if info.get("encrypted"):
+        out.append("encrypted: yes\n")
+    if info.get("cluster-size") is not None:
+        out.append("cluster_size: %d\n" % info["cluster-size"])
+    if info.get("dirty-flag"):
+        out.append("cleanly shut down: no\n")
+    backing = info.get("backing-filename")
+    if backing is not None:
+        out.append("backing file: %s" % backing)
+        full = info.get("full-backing-filename")
+        if full is None:
+            out.append(" (cannot determine actual path)")
+        elif full != backing:
+            out.append(" (actual path: %s)" % full)
+        out.append("\n")
+        if info.get("backing-filename-format") is not None:
+            out.append("backing file format: %s\n" % info["backing-filename-format"])
+    snapshots = info.get("snapshots")
+    if snapshots is not None:
+        out.append("Snapshot list:\n")
+        out.append(render_snapshot_table(snapshots))
+    spec = info.get("format-specific")
+    if spec is not None:
+        out.append("Format specific information:\n")
+        data_type = QAPI_STRUCTS["ImageInfoSpecific"].variants.get(spec.get("type"))
+        data_ref = dict(QAPI_STRUCTS[data_type].members)["data"] if data_type else None
+        data = spec.get("data")
+        if _is_composite(data):
+            _dump_value(out, data, data_ref, 1)
+        elif data is not None:
+            _dump_value(out, data, None, 1)
+    return "".join(out)
+
+
+def render_info_chain_human(infos: Sequence[Mapping[str, Any]]) -> str:
+    """``qemu-img info --backing-chain``: the images separated by a blank line."""
+    return "\n".join(render_info_human(i) for i in infos)
+
+
+# --------------------------------------------------------------------------
+# Writing (the one place the command line prints)
+# --------------------------------------------------------------------------
+
+PROG = "qcow2kit"
+
+
+def _write_text(stream: Any, text: str) -> None:
+    # names from os.fsdecode() carry undecodable bytes as surrogate escapes:
+    # write them back as the original bytes, as qemu-img prints them
+    buffer = getattr(stream, "buffer", None)
+    if buffer is not None:
+        stream.flush()
+        buffer.write(text.encode("utf-8", "surrogateescape"))
+        buffer.flush()
+    else:
+        stream.write(text)
+        stream.flush()
+
+
+def emit(text: str, stream: Any = None) -> None:
+    """Write rendered ``text`` as is to stdout (or ``stream``)."""
+    import sys
+    _write_text(sys.stdout if stream is None else stream, text)
+
+
+def error(message: str, stream: Any = None) -> None:
+    """One error line on stderr, ``qcow2kit: message`` (qemu-img's shape)."""
+    import sys
+    _write_text(sys.stderr if stream is None else stream, f"{PROG}: {message}\n")
+
+
+class progress_bar:  # noqa: N801 - used as a function: ``with progress_bar(n) as advance``
+    """Context manager yielding ``advance(nbytes)``; shows a bar on stderr
+    when ``enabled`` (tqdm), does nothing otherwise."""
+
+    def __init__(self, total: int, *, enabled: bool = True, stream: Any = None) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.stream = stream
+        self._bar: Any = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        import sys
+
+        from tqdm import tqdm
+        self._bar = tqdm(total=self.total, unit="B", unit_scale=True, unit_divisor=1024,
+                         file=self.stream if self.stream is not None else sys.stderr,
+                         leave=False)
+        return self._bar.update
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
