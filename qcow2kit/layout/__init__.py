@@ -11,11 +11,11 @@ from typing import Any
 
 import construct
 
-from ..errors import InvalidHeaderError
+from ..errors import InvalidHeaderError, Qcow2Error
 
 
 def parse(struct: construct.Construct, data: bytes, *, what: str, offset: int,
-          error: type[Exception] = InvalidHeaderError, **context: Any) -> Any:
+          error: type[Qcow2Error] = InvalidHeaderError, **context: Any) -> Any:
     """Parse ``data`` (read from file ``offset``) with ``struct``; errors name ``what`` and ``offset``."""
     try:
         return struct.parse(data, **context)

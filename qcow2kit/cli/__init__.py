@@ -1,0 +1,1 @@
+"""The ``qcow2kit`` command line (qemu-img compatible subcommands)."""

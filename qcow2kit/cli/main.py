@@ -1,0 +1,218 @@
+"""``qcow2kit``: qemu-img compatible commands over the qcow2kit library.
+
+Each subcommand parses its arguments, calls the library, and hands the
+result to :mod:`qcow2kit.cli.render`, the only module that formats output.
+Errors from the library become one line on stderr (``qcow2kit: <what>:
+<why>``) and a non-zero exit status; ``--debug`` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import textwrap
+from typing import Callable, Sequence
+
+from .. import __version__
+from ..errors import Qcow2Error
+
+EXIT_OK = 0
+EXIT_ERROR = 1      # what qemu-img returns for a failed info/convert
+
+
+class CommandError(Exception):
+    """A usage or environment error detected by the CLI itself (exit 1)."""
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "info", formatter_class=_formatter,
+        help="show what an image is: size, format details, snapshots, bitmaps, backing file",
+        description=textwrap.dedent("""\
+            Show information about a qcow2 image, as `qemu-img info` does.
+
+            The JSON form parses to the same object as `qemu-img info --output=json`
+            (QEMU 7.2 keys and values) and is printed the same way, so scripts that
+            read qemu-img's output can read this one.  Nothing is written to the image.
+            """),
+        epilog=textwrap.dedent("""\
+            examples:
+              qcow2kit info disk.qcow2
+              qcow2kit info --output=json --backing-chain overlay.qcow2
+            """))
+    p.add_argument("--output", choices=["human", "json"], default="human",
+                   help="output format (default: human)")
+    p.add_argument("--backing-chain", action="store_true",
+                   help="show every image of the backing chain, top first")
+    p.add_argument("-f", "--format", choices=["qcow2"], default="qcow2",
+                   help="image format (only qcow2)")
+    p.add_argument("filename", help="the image")
+    p.set_defaults(func=cmd_info)
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert", formatter_class=_formatter,
+        help="write an image's guest content to a raw file",
+        description=textwrap.dedent("""\
+            Convert a qcow2 image (with its backing chain and data file) to a raw
+            image, as `qemu-img convert -O raw` does: the output has the same bytes,
+            and holes wherever the guest reads zeros (blocks of 4 KiB).  DST is
+            created or truncated.
+            """),
+        epilog=textwrap.dedent("""\
+            examples:
+              qcow2kit convert -O raw disk.qcow2 disk.raw
+              qcow2kit convert -p -O raw overlay.qcow2 flat.raw
+            """))
+    p.add_argument("-O", dest="output_format", required=True, choices=["raw"],
+                   help="output format (only raw)")
+    p.add_argument("-f", dest="input_format", choices=["qcow2"], default="qcow2",
+                   help="input format (only qcow2)")
+    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+    p.add_argument("src", help="the qcow2 image to read")
+    p.add_argument("dst", help="the raw file to write")
+    p.set_defaults(func=cmd_convert)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", formatter_class=_formatter,
+        help="make a sample fragmented image and show what qcow2kit does with it",
+        description=textwrap.dedent("""\
+            Build a sample qcow2 image whose clusters lie in shuffled host order (as a
+            VM's disk becomes after random writes), without qemu-img, in a temporary
+            directory; then show its info, how its guest space maps to the file, and
+            check that every cluster reads back what was written.  The directory is
+            removed afterwards unless --keep is given.
+            """),
+        epilog="example:\n  qcow2kit demo --size 64M\n")
+    p.add_argument("--size", default="256M", help="virtual size of the sample (default 256M)")
+    p.add_argument("--seed", type=int, default=1, help="shuffle seed (default 1)")
+    p.add_argument("--keep", action="store_true", help="keep the sample image and print its path")
+    p.set_defaults(func=cmd_demo)
+
+
+def parse_size(text: str) -> int:
+    """Parse a size like qemu-img does: a number with an optional K, M, G, T suffix (powers of 1024)."""
+    t = text.strip()
+    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+    suffix = t[-1:].lower() if t and t[-1].isalpha() else ""
+    num = t[:-1] if suffix else t
+    try:
+        value = float(num)
+    except ValueError:
+        raise CommandError(f"invalid size {text!r}: expected a number with an optional "
+                           f"k/M/G/T suffix") from None
+    if suffix not in units or value < 0:
+        raise CommandError(f"invalid size {text!r}")
+    return int(value * units[suffix])
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .. import image as image_mod
+    from ..info import chain_info, image_info
+    from . import render
+
+    with image_mod.Image.open(args.filename, follow_backing=args.backing_chain) as img:
+        if args.backing_chain:
+            infos = chain_info(img)
+            if args.output == "json":
+                render.emit(render.to_qemu_json(infos) + "\n")
+            else:
+                render.emit(render.render_info_chain_human(infos))
+        else:
+            info = image_info(img)
+            if args.output == "json":
+                render.emit(render.to_qemu_json(info) + "\n")
+            else:
+                render.emit(render.render_info_human(info))
+    return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .. import image as image_mod
+    from ..convert import convert_to_raw
+    from . import render
+
+    with image_mod.Image.open(args.src) as img:
+        with render.progress_bar(img.size, enabled=args.progress) as advance:
+            convert_to_raw(img, args.dst, progress=advance)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+    from . import render
+
+    size = parse_size(args.size)
+    with tempfile.TemporaryDirectory(prefix="qcow2kit-demo-") as tmp:
+        path = os.path.join(tmp, "sample.qcow2")
+        if args.keep:
+            path = os.path.abspath("qcow2kit-sample.qcow2")
+        text, ok = run_demo(path, size=size, seed=args.seed)
+        render.emit(text)
+    return EXIT_OK if ok else EXIT_ERROR
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qcow2kit", formatter_class=_formatter,
+        description=textwrap.dedent("""\
+            qcow2kit: look inside qcow2 disk images, with commands whose output and exit
+            codes match qemu-img's.  Run `qcow2kit COMMAND --help` for each command.
+            """),
+        epilog=textwrap.dedent("""\
+            examples:
+              qcow2kit demo
+              qcow2kit info --output=json disk.qcow2
+              qcow2kit convert -O raw disk.qcow2 disk.raw
+            """))
+    parser.add_argument("--version", action="version", version=f"qcow2kit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_info(sub)
+    _add_convert(sub)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return EXIT_ERROR
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (Qcow2Error, CommandError, OSError) as exc:
+        if args.debug:
+            raise
+        from . import render
+        render.error(_describe(exc))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return str(exc)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
