@@ -61,7 +61,7 @@ def run_demo(path: str, *, size: int = 256 << 20, seed: int = 1) -> tuple[str, b
             if len(shown) < 8:
                 where = f"host {seg.host:#12x}" if seg.kind in (T.DATA, T.COMPRESSED) else " " * 17
                 shown.append(f"   guest {seg.guest:#12x} +{seg.length:<9} "
-                             f"{T.KIND_NAMES[seg.kind]:<11} {where}")
+                             f"{T.KIND_NAMES[seg.kind]:<11} {where}".rstrip())
         out.append("== guest-to-host map (first runs, guest order)")
         out.extend(shown)
         out.append("   ...")

@@ -404,15 +404,15 @@ def make_fragmented_image(path, *, virtual_size: int = 256 * 2**20, cluster_bits
         normal = host_offsets >= 0
         l2e[:n_guest][normal] = host_offsets[normal].astype(np.uint64) | np.uint64(spec.OFLAG_COPIED)
         if cp.shape[0]:
-            off = cp[:, 1]
-            extra_sectors = ((off + cp[:, 2] - 1) // _SECTOR) - (off // _SECTOR)
-            assert (extra_sectors <= csize_mask).all() and (off < (1 << csize_shift)).all()
-            l2e[cp[:, 0]] = (off.astype(np.uint64)
+            coff = cp[:, 1]
+            extra_sectors = ((coff + cp[:, 2] - 1) // _SECTOR) - (coff // _SECTOR)
+            assert (extra_sectors <= csize_mask).all() and (coff < (1 << csize_shift)).all()
+            l2e[cp[:, 0]] = (coff.astype(np.uint64)
                              | (extra_sectors.astype(np.uint64) << np.uint64(csize_shift))
                              | np.uint64(spec.OFLAG_COMPRESSED))
-        l2e = l2e.astype(">u8").reshape(l1_size, entries_per_l2)
+        l2e_be = l2e.astype(">u8").reshape(l1_size, entries_per_l2)
         for t in np.flatnonzero(l2_offsets >= 0).tolist():
-            os.pwrite(fd, l2e[t].tobytes(), int(l2_offsets[t]))
+            os.pwrite(fd, l2e_be[t].tobytes(), int(l2_offsets[t]))
         del l2e
 
         # --- L1 -------------------------------------------------------------------------

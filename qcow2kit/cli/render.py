@@ -185,7 +185,7 @@ def _members(d: Mapping[str, Any], type_name: str) -> list[tuple[str, Any]]:
     struct = QAPI_STRUCTS[type_name]
     members = list(struct.members)
     if struct.discriminator is not None:
-        variant = struct.variants.get(d.get(struct.discriminator))
+        variant = struct.variants.get(str(d.get(struct.discriminator)))
         if variant is not None:
             members += _members(d, variant)
     return members
@@ -329,7 +329,7 @@ def _write(out: list[str], value: Any, type_ref: Any, depth: int, pretty: bool) 
 
 
 def _write_container(out: list[str], opening: str, closing: str,
-                     items: list[tuple[str | None, Any, Any]], depth: int,
+                     items: Sequence[tuple[str | None, Any, Any]], depth: int,
                      pretty: bool) -> None:
     # json-writer.c: every member starts on a new line indented one level
     # deeper; the closing bracket always gets a newline at the container's
