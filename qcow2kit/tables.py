@@ -79,16 +79,17 @@ class L2Units:
     """An L2 table (or a slice of it) decoded into per-unit arrays.
 
     One unit is a cluster (standard L2) or a subcluster (extended L2).
-    ``host`` is the host byte offset of the unit's data for DATA units (in
-    the data file when there is one), the compressed stream's byte offset for
-    COMPRESSED units, and 0 otherwise; ``csize`` is the compressed length in
-    bytes (COMPRESSED units only).
+    ``host`` is the unit's host byte offset (in the data file when there is
+    one) wherever ``offset_valid`` is set: DATA units, zero clusters that keep
+    their host cluster (QEMU's ZERO_ALLOC) and unallocated subclusters of an
+    allocated cluster (UNALLOCATED_ALLOC).  For COMPRESSED units it is the
+    compressed stream's byte offset and ``csize`` its length in bytes.
     """
 
-    kind: np.ndarray      # uint8
-    host: np.ndarray      # uint64
-    csize: np.ndarray     # uint64
-    entry: np.ndarray     # uint64: the raw first word of the cluster's entry
+    kind: np.ndarray          # uint8
+    host: np.ndarray          # uint64
+    csize: np.ndarray         # uint64 (COMPRESSED units only, else 0)
+    offset_valid: np.ndarray  # bool
 
 
 def decode_l2(raw: bytes, geo: L2Geometry) -> tuple[np.ndarray, np.ndarray | None]:
@@ -99,50 +100,71 @@ def decode_l2(raw: bytes, geo: L2Geometry) -> tuple[np.ndarray, np.ndarray | Non
     return words, None
 
 
+_U1 = np.uint64(1)
+
+
 def classify(entries: np.ndarray, bitmaps: np.ndarray | None, geo: L2Geometry) -> L2Units:
-    """Decode L2 entries into units, as QEMU classifies them.
+    """Decode L2 entries into units, as QEMU's qcow2_get_subcluster_type classifies them.
 
     Standard L2 entries give one unit per cluster; extended ones 32 units,
     one per subcluster, with host offsets stepping by the subcluster size.
+    With extended L2, a cluster whose bitmap is inconsistent (a subcluster
+    both allocated and zero, or an allocated subcluster in a cluster without
+    a host offset) is INVALID as a whole, as in QEMU.
     """
     offset = entries & np.uint64(spec.L2E_OFFSET_MASK)
-    compressed = (entries & np.uint64(spec.OFLAG_COMPRESSED)) != 0
-    copied = (entries & np.uint64(spec.OFLAG_COPIED)) != 0
+    compressed = (entries >> np.uint64(62)) & _U1 != 0
     has_offset = offset != 0
     if geo.has_data_file:
         # Offset 0 is a valid data-file offset; COPIED disambiguates (QEMU does the same).
-        has_offset = has_offset | copied
-
-    shift = np.uint64(geo.csize_shift)
-    coffset = entries & np.uint64((1 << geo.csize_shift) - 1)
-    nsect = ((entries >> shift) & np.uint64((1 << (geo.cluster_bits - 8)) - 1)) + np.uint64(1)
-    csize = nsect * np.uint64(512) - (coffset & np.uint64(511))
+        has_offset |= (entries >> np.uint64(63)) != 0
+    any_comp = bool(compressed.any())
+    if any_comp:
+        shift = np.uint64(geo.csize_shift)
+        coffset = entries & np.uint64((1 << geo.csize_shift) - 1)
+        nsect = ((entries >> shift) & np.uint64((1 << (geo.cluster_bits - 8)) - 1)) + _U1
+        csize = np.where(compressed, nsect * np.uint64(512) - (coffset & np.uint64(511)),
+                         np.uint64(0))
 
     if not geo.extended:
-        zero = (entries & np.uint64(spec.OFLAG_ZERO)) != 0
-        kind = np.where(compressed, COMPRESSED,
-                        np.where(zero, ZERO, np.where(has_offset, DATA, UNALLOCATED))).astype(np.uint8)
-        host = np.where(compressed, coffset, np.where(kind == DATA, offset, 0)).astype(np.uint64)
-        csize = np.where(compressed, csize, 0).astype(np.uint64)
-        return L2Units(kind, host, csize, entries)
+        zero = (entries & _U1) != 0
+        kind = np.full(entries.shape, UNALLOCATED, dtype=np.uint8)
+        kind[has_offset] = DATA
+        kind[zero] = ZERO
+        # A zero cluster keeps its offset only when the offset field itself is set.
+        valid = has_offset & (~zero | (offset != 0))
+        host = offset.copy()
+        if any_comp:
+            kind[compressed] = COMPRESSED
+            valid &= ~compressed
+            host[compressed] = coffset[compressed]
+            return L2Units(kind, host, csize, valid)
+        return L2Units(kind, host, np.zeros(entries.shape, np.uint64), valid)
 
     assert bitmaps is not None
     n = entries.shape[0]
     sc = spec.SUBCLUSTERS_PER_CLUSTER
     bit = np.arange(sc, dtype=np.uint64)
-    alloc = ((bitmaps[:, None] >> bit) & np.uint64(1)).astype(bool)
-    zero = ((bitmaps[:, None] >> (bit + np.uint64(32))) & np.uint64(1)).astype(bool)
-    comp = np.repeat(compressed[:, None], sc, axis=1)
-    kind = np.where(alloc & zero, INVALID,
-                    np.where(zero, ZERO,
-                             np.where(alloc, np.where(has_offset[:, None], DATA, INVALID), UNALLOCATED)))
-    kind = np.where(comp, COMPRESSED, kind).astype(np.uint8)
+    alloc_bits = bitmaps & np.uint64(0xFFFFFFFF)
+    zero_bits = bitmaps >> np.uint64(32)
+    normal = has_offset & ~compressed
+    invalid = np.where(normal, (alloc_bits & zero_bits) != 0, alloc_bits != 0) & ~compressed
+    alloc = ((bitmaps[:, None] >> bit) & _U1).astype(bool)
+    zero = ((zero_bits[:, None] >> bit) & _U1).astype(bool)
+    kind = np.full((n, sc), UNALLOCATED, dtype=np.uint8)
+    kind[zero] = ZERO
+    kind[alloc] = DATA
+    kind[invalid] = INVALID
+    kind[compressed] = COMPRESSED
     sc_size = np.uint64(1 << (geo.cluster_bits - 5))
-    host = np.where(kind == DATA, offset[:, None] + bit * sc_size, 0)
-    host = np.where(comp, coffset[:, None], host).astype(np.uint64)
-    csz = np.where(comp, csize[:, None], 0).astype(np.uint64)
+    host = offset[:, None] + bit * sc_size
+    valid = np.repeat(normal[:, None], sc, axis=1) & (kind != INVALID)
+    csz = np.zeros((n, sc), dtype=np.uint64)
+    if any_comp:
+        host[compressed] = coffset[compressed][:, None]
+        csz[compressed] = csize[compressed][:, None]
     return L2Units(kind.reshape(n * sc), host.reshape(n * sc), csz.reshape(n * sc),
-                   np.repeat(entries, sc))
+                   valid.reshape(n * sc))
 
 
 def decode_refcount_block(raw: bytes, refcount_order: int) -> np.ndarray:
