@@ -1,0 +1,587 @@
+"""The extent map: memory-bounded batch scanning of L1/L2 tables, merged like ``qemu-img map``.
+
+A scan walks the guest range in windows.  Each window covers a batch of L1
+entries of the top image, sized so that the L2 tables and the per-unit
+working arrays of every layer stay within the memory budget; L2 tables of
+a batch that lie back to back in the file are read with one pread, and
+unallocated L1 entries cost no read at all.  Each window is decoded with
+numpy into runs, the runs a layer does not allocate are resolved in its
+backing file (depth + 1), and the result is merged by qemu-img map's rules:
+adjacent extents merge when depth, present, zero, data (and here compressed)
+agree and host offsets, if any, are contiguous.
+
+The status of a range in one layer follows QEMU 7.2's
+``qcow2_co_block_status`` and the generic ``bdrv_co_block_status``:
+
+====================  =====================================================
+cluster / subcluster  flags
+====================  =====================================================
+normal                present, data, offset
+zero, keeps cluster   present, zero, offset
+zero                  present, zero
+compressed            present, data, compressed (no offset)
+unallocated           resolved in the backing file; with none, or past its
+                      end: zero (and the offset, for an unallocated
+                      subcluster of an allocated cluster), not present
+====================  =====================================================
+
+Like QEMU, an image that looks metadata-preallocated (more clusters with a
+refcount than the file has blocks, see ``qcow2_detect_metadata_preallocation``)
+has the holes of its file reported as zero inside normal clusters; raw
+backing files report their holes as zero the same way.  Encrypted images
+report no host offsets.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+from . import spec
+from . import tables as T
+from .errors import CorruptImageError
+from .image import Image, RawImage
+
+#: One extent: a guest range with uniform status.
+EXTENT_DTYPE = np.dtype([("start", "<u8"), ("length", "<u8"), ("offset", "<u8"),
+                         ("depth", "<u2"), ("kind", "u1"), ("flags", "u1")])
+
+FLAG_PRESENT = 1
+FLAG_ZERO = 2
+FLAG_DATA = 4
+FLAG_OFFSET = 8        # ``offset`` is valid
+FLAG_COMPRESSED = 16
+#: Flags that must agree for two adjacent extents to merge.
+MERGE_FLAGS = FLAG_PRESENT | FLAG_ZERO | FLAG_DATA | FLAG_OFFSET | FLAG_COMPRESSED
+
+DEFAULT_MEMORY = 32 * 1024 * 1024
+#: Bytes of working memory per decoded unit (L2 entry words plus the numpy
+#: temporaries of decoding, overlaying and merging), measured with tracemalloc.
+BYTES_PER_UNIT = 160
+
+# Status of one unit in its own layer, before resolving the backing chain.
+_FALLTHROUGH = 0x80    # internal: ask the backing file
+
+
+class Extent(NamedTuple):
+    """One merged extent, as a Python object (see :data:`EXTENT_DTYPE` for the bulk form)."""
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: int | None
+    compressed: bool
+    kind: int
+
+    @classmethod
+    def from_row(cls, row: np.void) -> "Extent":
+        f = int(row["flags"])
+        return cls(int(row["start"]), int(row["length"]), int(row["depth"]),
+                   bool(f & FLAG_PRESENT), bool(f & FLAG_ZERO), bool(f & FLAG_DATA),
+                   int(row["offset"]) if f & FLAG_OFFSET else None,
+                   bool(f & FLAG_COMPRESSED), int(row["kind"]))
+
+    def as_qemu(self) -> dict:
+        """The object ``qemu-img map --output=json`` (7.2) prints for this extent."""
+        d = {"start": self.start, "length": self.length, "depth": self.depth,
+             "present": self.present, "zero": self.zero, "data": self.data}
+        if self.offset is not None:
+            d["offset"] = self.offset
+        return d
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _runs(start: np.ndarray, length: np.ndarray, offset: np.ndarray, flags: np.ndarray,
+          kind: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    """Pack parallel arrays into an EXTENT_DTYPE array."""
+    out = np.empty(start.shape[0], dtype=EXTENT_DTYPE)
+    out["start"] = start
+    out["length"] = length
+    out["offset"] = offset
+    out["flags"] = flags
+    out["kind"] = kind
+    out["depth"] = depth
+    return out
+
+
+def merge(ext: np.ndarray) -> np.ndarray:
+    """Merge adjacent extents by qemu-img map's rules (vectorized).
+
+    Two neighbours merge when depth and the flags in :data:`MERGE_FLAGS` are
+    equal and, where they carry an offset, the second's offset continues the
+    first.  ``ext`` must be sorted and gap-free.
+    """
+    n = ext.shape[0]
+    if n <= 1:
+        return ext
+    flags = ext["flags"] & np.uint8(MERGE_FLAGS)
+    same = (flags[1:] == flags[:-1]) & (ext["depth"][1:] == ext["depth"][:-1])
+    has_off = (flags[1:] & np.uint8(FLAG_OFFSET)) != 0
+    contiguous = ext["offset"][1:] == ext["offset"][:-1] + ext["length"][:-1]
+    same &= ~has_off | contiguous
+    if same.all():
+        out = ext[:1].copy()
+        out["length"] = ext["start"][-1] + ext["length"][-1] - ext["start"][0]
+        return out
+    heads = np.flatnonzero(np.concatenate(([True], ~same)))
+    out = ext[heads].copy()
+    ends = np.empty(heads.shape[0], dtype=np.uint64)
+    ends[:-1] = ext["start"][heads[1:]]
+    ends[-1] = ext["start"][-1] + ext["length"][-1]
+    out["length"] = ends - out["start"]
+    return out
+
+
+def _can_join(a: np.void, b: np.void) -> bool:
+    fa = int(a["flags"]) & MERGE_FLAGS
+    if fa != int(b["flags"]) & MERGE_FLAGS or int(a["depth"]) != int(b["depth"]):
+        return False
+    return not (fa & FLAG_OFFSET) or int(a["offset"]) + int(a["length"]) == int(b["offset"])
+
+
+def _file_data_regions(path_or_fd: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Data regions of a file (SEEK_DATA/SEEK_HOLE), as sorted start and end arrays."""
+    starts: list[int] = []
+    ends: list[int] = []
+    pos = 0
+    fd = path_or_fd
+    while pos < size:
+        try:
+            d = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break  # ENXIO: only a hole remains
+        h = os.lseek(fd, d, os.SEEK_HOLE)
+        starts.append(d)
+        ends.append(h)
+        pos = h
+    return np.asarray(starts, dtype=np.uint64), np.asarray(ends, dtype=np.uint64)
+
+
+def _split_by_holes(ext: np.ndarray, mask: np.ndarray, ds: np.ndarray, de: np.ndarray
+                    ) -> np.ndarray:
+    """Split the extents selected by ``mask`` at file data/hole boundaries; holes get FLAG_ZERO.
+
+    Offsets are host offsets into the file whose data regions are [ds, de).
+    Past the end of the file counts as a hole (QEMU: EOF reads as zero).
+    """
+    if not mask.any():
+        return ext
+    # Boundaries of the file's regions, as sorted points: region i is data between
+    # ds[i] and de[i], hole otherwise.
+    points = np.empty(ds.shape[0] * 2, dtype=np.uint64)
+    points[0::2] = ds
+    points[1::2] = de
+    sel = np.flatnonzero(mask)
+    off = ext["offset"][sel]
+    end = off + ext["length"][sel]
+    # Points strictly inside (off, end) cut the extent.
+    lo = np.searchsorted(points, off, side="right")
+    hi = np.searchsorted(points, end, side="left")
+    ncut = np.maximum(hi - lo, 0)
+    pieces = ncut + 1
+    total = int(pieces.sum())
+    rep = np.repeat(np.arange(sel.shape[0]), pieces)
+    # Piece k of extent j starts at off[j] (k = 0) or points[lo[j] + k - 1].
+    first = np.zeros(total, dtype=bool)
+    first[np.cumsum(pieces) - pieces] = True
+    k = np.arange(total) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    pidx = np.repeat(lo, pieces) + k - 1
+    pstart = np.where(first, np.repeat(off, pieces),
+                      points[np.clip(pidx, 0, max(points.shape[0] - 1, 0))]
+                      if points.shape[0] else np.repeat(off, pieces))
+    pend = np.empty(total, dtype=np.uint64)
+    pend[:-1] = pstart[1:]
+    last = np.cumsum(pieces) - 1
+    pend[last] = end
+    # A piece is data when the number of points <= its start is odd.
+    in_data = (np.searchsorted(points, pstart, side="right") % 2) == 1
+    src = ext[sel][rep]
+    src["start"] = src["start"] + (pstart - src["offset"])
+    src["length"] = pend - pstart
+    src["offset"] = pstart
+    src["flags"] = np.where(in_data, src["flags"], src["flags"] | np.uint8(FLAG_ZERO))
+    # Reassemble in guest order: untouched extents plus the pieces.
+    keep = ext[~mask]
+    out = np.concatenate((keep, src))
+    return out[np.argsort(out["start"], kind="stable")]
+
+
+# --------------------------------------------------------------------------- layers
+
+
+@dataclass
+class _Layer:
+    """Per-image state of a scan: the image, its depth, and what block status needs."""
+
+    img: Image | RawImage
+    depth: int
+    backing: "_Layer | None"
+    prealloc: bool = False
+    regions: tuple[np.ndarray, np.ndarray] | None = None
+
+    def file_regions(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.regions is None:
+            if isinstance(self.img, RawImage):
+                src = self.img.src
+            else:
+                src = self.img.data_source
+            fd = getattr(src, "fd", None)
+            if fd is None:
+                fd = getattr(src, "_pread").fd
+            self.regions = _file_data_regions(fd, src.size)
+        return self.regions
+
+
+def detect_metadata_preallocation(img: Image) -> bool:
+    """QEMU's qcow2_detect_metadata_preallocation: more referenced clusters than stored ones.
+
+    Counts clusters with a non-zero refcount (up to the file length) until
+    the count exceeds ``max(stored * 10 / 9, stored + 2)``, where ``stored``
+    is the number of clusters the file system really holds.
+    """
+    cs = img.cluster_size
+    try:
+        real_allocation = os.fstat(img.src.fd).st_blocks * 512  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        real_allocation = os.stat(img.src.path).st_blocks * 512
+    real_clusters = real_allocation // cs
+    threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+    end_cluster = -(-img.src.size // cs)
+    h = img.header
+    per_block = cs * 8 // h.refcount_bits
+    table = T.decode_u64_table(img.src.read_at(h.refcount_table_offset,
+                                               h.refcount_table_clusters * cs,
+                                               field="refcount table"))
+    count = 0
+    for i, entry in enumerate(table.tolist()):
+        first = i * per_block
+        if first >= end_cluster:
+            break
+        block_off = entry & spec.REFT_OFFSET_MASK
+        if block_off == 0:
+            continue
+        if block_off % cs or block_off + cs > img.src.size:
+            raise CorruptImageError(f"{img.filename}: refcount block offset {block_off:#x} is "
+                                    f"invalid (refcount table index {i})",
+                                    field="refcount table entry",
+                                    offset=h.refcount_table_offset + 8 * i, path=img.filename)
+        counts = T.decode_refcount_block(img.src.read_at(block_off, cs, field="refcount block"),
+                                         h.refcount_order)
+        counts = counts[:max(0, end_cluster - first)]
+        count += int(np.count_nonzero(counts))
+        if count > threshold:
+            return True
+    return False
+
+
+def _make_layers(img: Image | RawImage, depth: int = 0) -> _Layer:
+    back = img.backing if isinstance(img, Image) else None
+    layer = _Layer(img, depth, _make_layers(back, depth + 1) if back is not None else None)
+    if isinstance(img, Image) and not img.encrypted:
+        layer.prealloc = detect_metadata_preallocation(img)
+    return layer
+
+
+def _units_per_byte(layer: _Layer | None) -> float:
+    total = 0.0
+    while layer is not None:
+        if isinstance(layer.img, Image):
+            total += layer.img.geometry.units_per_cluster / layer.img.cluster_size
+        else:
+            total += 1 / 4096
+        layer = layer.backing
+    return total
+
+
+def _read_l2_batch(img: Image, l1_lo: int, l1_hi: int) -> list[tuple[int, np.ndarray,
+                                                                      np.ndarray | None]]:
+    """L2 tables under L1 entries [l1_lo, l1_hi): (l1 index, entries, bitmaps).
+
+    Tables that lie back to back in the file are read with one pread.
+    """
+    l1 = img.l1_table
+    hi = min(l1_hi, l1.shape[0])
+    if l1_lo >= hi:
+        return []
+    offs = (l1[l1_lo:hi] & np.uint64(spec.L1E_OFFSET_MASK)).astype(np.int64)
+    idx = np.flatnonzero(offs)
+    if idx.shape[0] == 0:
+        return []
+    cs = img.cluster_size
+    o = offs[idx]
+    bad = np.flatnonzero(o % cs)
+    if bad.shape[0]:
+        i = int(idx[bad[0]]) + l1_lo
+        raise CorruptImageError(f"{img.filename}: L2 table offset {int(o[bad[0]]):#x} is not "
+                                f"cluster aligned (L1 index {i})", field="l1_table_offset",
+                                offset=img.header.l1_table_offset + 8 * i, path=img.filename)
+    brk = np.flatnonzero((np.diff(o) != cs) | (np.diff(idx) != 1)) + 1
+    starts = np.concatenate(([0], brk))
+    stops = np.concatenate((brk, [o.shape[0]]))
+    out = []
+    for a, b in zip(starts.tolist(), stops.tolist()):
+        first = int(o[a])
+        try:
+            raw = img.src.read_at(first, (b - a) * cs, field="L2 table")
+        except CorruptImageError as exc:
+            i = int(idx[a]) + l1_lo
+            raise CorruptImageError(f"{img.filename}: L2 table at {first:#x} (L1 index {i}) "
+                                    f"lies beyond the end of the file", field="l1_table_offset",
+                                    offset=img.header.l1_table_offset + 8 * i,
+                                    path=img.filename) from exc
+        words = T.decode_u64_table(raw)
+        per = cs // 8
+        for k in range(b - a):
+            w = words[k * per:(k + 1) * per]
+            if img.geometry.extended:
+                out.append((int(idx[a + k]) + l1_lo, w[0::2], w[1::2]))
+            else:
+                out.append((int(idx[a + k]) + l1_lo, w, None))
+    return out
+
+
+def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
+    """Runs of uniform status of one layer over [w0, w1) (w1 <= its size), before merging.
+
+    Units the layer leaves to its backing file carry ``_FALLTHROUGH`` in flags.
+    """
+    img = layer.img
+    depth = layer.depth
+    if isinstance(img, RawImage):
+        # The raw driver passes block status to the file: data regions and holes.
+        ds, de = layer.file_regions()
+        base = _runs(np.array([w0], np.uint64), np.array([w1 - w0], np.uint64),
+                     np.array([w0], np.uint64), np.array([FLAG_PRESENT | FLAG_DATA | FLAG_OFFSET],
+                                                         np.uint8),
+                     np.array([T.DATA], np.uint8), np.array([depth], np.uint16))
+        return _split_by_holes(base, np.ones(1, bool), ds, de)
+
+    geo = img.geometry
+    cb = img.cluster_bits
+    span_bits = cb + geo.l2_bits
+    unit_bits = geo.unit_bits
+    l1_lo = w0 >> span_bits
+    l1_hi = ((w1 - 1) >> span_bits) + 1
+    tables = _read_l2_batch(img, l1_lo, l1_hi)
+    crypto = img.encrypted
+    pieces: list[np.ndarray] = []
+    pos = w0
+    for l1_index, entries, bitmaps in tables:
+        t0 = max(l1_index << span_bits, w0)
+        t1 = min((l1_index + 1) << span_bits, w1)
+        if t0 > pos:  # unallocated L1 entries before this table
+            pieces.append(_runs(np.array([pos], np.uint64), np.array([t0 - pos], np.uint64),
+                                np.zeros(1, np.uint64), np.array([_FALLTHROUGH], np.uint8),
+                                np.array([T.UNALLOCATED], np.uint8),
+                                np.array([depth], np.uint16)))
+        base = l1_index << span_bits
+        c0 = (t0 - base) >> cb
+        c1 = ((t1 - 1 - base) >> cb) + 1
+        u = T.classify(entries[c0:c1], None if bitmaps is None else bitmaps[c0:c1], geo)
+        kind = u.kind
+        if (kind == T.INVALID).any():
+            first = int(np.flatnonzero(kind == T.INVALID)[0])
+            g = base + (c0 << cb) + (first << unit_bits)
+            raise img._l2_error(l1_index, g, "l2 bitmap",
+                                f"invalid subcluster state at guest offset {g:#x}")
+        flags = np.zeros(kind.shape, np.uint8)
+        flags[kind == T.DATA] = FLAG_PRESENT | FLAG_DATA
+        flags[kind == T.COMPRESSED] = FLAG_PRESENT | FLAG_DATA | FLAG_COMPRESSED
+        flags[kind == T.ZERO] = FLAG_PRESENT | FLAG_ZERO
+        flags[kind == T.UNALLOCATED] = _FALLTHROUGH
+        if not crypto:
+            flags[u.offset_valid] |= FLAG_OFFSET
+        host = u.host
+        bad = (kind == T.DATA) & (host & np.uint64((1 << unit_bits) - 1) != 0)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            g = base + (c0 << cb) + (first << unit_bits)
+            raise img._l2_error(l1_index, g, "l2 entry",
+                                f"data cluster offset {int(host[first]):#x} is not aligned")
+        n = kind.shape[0]
+        step = np.uint64(1 << unit_bits)
+        # Run boundaries: flags change, or an offset-carrying unit does not continue its neighbour.
+        brk = np.empty(n, dtype=bool)
+        brk[0] = True
+        np.not_equal(flags[1:], flags[:-1], out=brk[1:])
+        has_off = (flags[1:] & np.uint8(FLAG_OFFSET)) != 0
+        brk[1:] |= has_off & (host[1:] != host[:-1] + step)
+        brk[1:] |= kind[1:] == T.COMPRESSED
+        heads = np.flatnonzero(brk)
+        ustart = np.uint64(base + (c0 << cb)) + heads.astype(np.uint64) * step
+        uend = np.empty(heads.shape[0], np.uint64)
+        uend[:-1] = ustart[1:]
+        uend[-1] = np.uint64(base + (c0 << cb)) + np.uint64(n) * step
+        # Clip the first and last run to the window.
+        s = np.maximum(ustart, np.uint64(t0))
+        e = np.minimum(uend, np.uint64(t1))
+        off = host[heads] + (s - ustart)
+        pieces.append(_runs(s, e - s, off, flags[heads], kind[heads],
+                            np.full(heads.shape[0], depth, np.uint16)))
+        pos = t1
+    if pos < w1:
+        pieces.append(_runs(np.array([pos], np.uint64), np.array([w1 - pos], np.uint64),
+                            np.zeros(1, np.uint64), np.array([_FALLTHROUGH], np.uint8),
+                            np.array([T.UNALLOCATED], np.uint8), np.array([depth], np.uint16)))
+    runs = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    if layer.prealloc:
+        normal = (runs["kind"] == T.DATA) & ((runs["flags"] & np.uint8(FLAG_OFFSET)) != 0)
+        ds, de = layer.file_regions()
+        runs = _split_by_holes(runs, normal, ds, de)
+    return runs
+
+
+def _overlay(top: np.ndarray, below: np.ndarray) -> np.ndarray:
+    """Replace the fall-through extents of ``top`` by what ``below`` says for the same range."""
+    fall = (top["flags"] & np.uint8(_FALLTHROUGH)) != 0
+    if not fall.any():
+        return top
+    # Elementary pieces: every start of either array, inside the fall-through ranges.
+    pts = np.union1d(top["start"], below["start"])
+    end = top["start"][-1] + top["length"][-1]
+    ti = np.searchsorted(top["start"], pts, side="right") - 1
+    keep_top = ~fall[ti]
+    # Pieces in non-fall-through top extents collapse back to the top extent itself.
+    top_heads = keep_top & np.concatenate(([True], ti[1:] != ti[:-1]))
+    sel_top = ti[top_heads]
+    fall_pts = pts[~keep_top]
+    bi = np.searchsorted(below["start"], fall_pts, side="right") - 1
+    piece = below[bi].copy()
+    delta = fall_pts - piece["start"]
+    piece["start"] = fall_pts
+    piece["offset"] = piece["offset"] + delta
+    nxt = np.empty(pts.shape[0], np.uint64)
+    nxt[:-1] = pts[1:]
+    nxt[-1] = end
+    piece["length"] = nxt[~keep_top] - fall_pts
+    out = np.concatenate((top[sel_top], piece))
+    return out[np.argsort(out["start"], kind="stable")]
+
+
+def _clip(ext: np.ndarray, a: int, b: int) -> np.ndarray:
+    """The part of a sorted, gap-free extent array inside [a, b)."""
+    starts = ext["start"]
+    ends = starts + ext["length"]
+    i = int(np.searchsorted(ends, np.uint64(a), side="right"))
+    j = int(np.searchsorted(starts, np.uint64(b), side="left"))
+    out = ext[i:j].copy()
+    if out.shape[0]:
+        cut = np.uint64(a) - out["start"][0] if out["start"][0] < a else np.uint64(0)
+        out["start"][0] += cut
+        out["offset"][0] += cut
+        out["length"][0] -= cut
+        over = out["start"][-1] + out["length"][-1]
+        if over > b:
+            out["length"][-1] -= over - np.uint64(b)
+    return out
+
+
+def _resolve(layer: _Layer, w0: int, w1: int) -> np.ndarray:
+    """Runs of [w0, w1) with every fall-through resolved down the chain (not yet merged).
+
+    What a layer leaves unallocated comes from its backing file where that
+    reaches; elsewhere it reads as zero at this layer's depth, keeping the
+    layer's own host offset when it has one (an unallocated subcluster of an
+    allocated cluster), as QEMU's block status does.
+    """
+    runs = _layer_runs(layer, w0, w1)
+    fall = (runs["flags"] & np.uint8(_FALLTHROUGH)) != 0
+    if not fall.any():
+        return runs
+    own = runs.copy()
+    own["flags"] = np.where(fall, np.uint8(FLAG_ZERO) | (runs["flags"] & np.uint8(FLAG_OFFSET)),
+                            runs["flags"])
+    b1 = w0
+    if layer.backing is not None:
+        b1 = max(w0, min(w1, layer.backing.img.size))
+    parts = []
+    if b1 > w0:
+        assert layer.backing is not None
+        parts.append(_resolve(layer.backing, w0, b1))
+    if b1 < w1:
+        parts.append(_clip(own, b1, w1))
+    below = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return _overlay(runs, below)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def map_batches(img: Image, start: int = 0, length: int | None = None, *,
+                memory: int = DEFAULT_MEMORY) -> Iterator[np.ndarray]:
+    """Merged extents of ``[start, start+length)`` as EXTENT_DTYPE arrays, batch by batch.
+
+    Consecutive batches are already merged with each other (an extent that
+    could continue into the next batch is held back), so concatenating all
+    batches gives exactly what ``qemu-img map`` lists.  Working memory stays
+    within ``memory`` bytes plus a small constant, whatever the image size.
+    """
+    size = img.size
+    end = size if length is None else min(size, start + max(length, 0))
+    if start >= end:
+        return
+    if memory < 64 * 1024:
+        raise ValueError(f"memory budget of {memory} bytes is too small (at least 64 KiB)")
+    layers = _make_layers(img)
+    # Window: as many top-level L1 entries as the budget allows (at least one).
+    if isinstance(img, Image):
+        span = 1 << (img.cluster_bits + img.geometry.l2_bits)
+    else:
+        span = 1 << 30
+    units = max(1, memory // BYTES_PER_UNIT)
+    window = max(span, int(units / _units_per_byte(layers)) // span * span)
+    held: np.ndarray | None = None
+    pos = start
+    while pos < end:
+        w1 = min(end, (pos // window + 1) * window)
+        runs = _resolve(layers, pos, w1)
+        runs["flags"] &= np.uint8(~_FALLTHROUGH & 0xFF)
+        merged = merge(runs)
+        if held is not None:
+            if _can_join(held[0], merged[0]):
+                merged = merged.copy()
+                merged["start"][0] = held["start"][0]
+                merged["offset"][0] = held["offset"][0]
+                merged["length"][0] += held["length"][0]
+            else:
+                yield held
+        held = merged[-1:].copy()
+        if merged.shape[0] > 1:
+            yield merged[:-1]
+        pos = w1
+    if held is not None:
+        yield held
+
+
+def map_extents(img: Image, start: int = 0, length: int | None = None, *,
+                memory: int = DEFAULT_MEMORY) -> np.ndarray:
+    """All merged extents of a range in one array (memory grows with the extent count)."""
+    parts = list(map_batches(img, start, length, memory=memory))
+    return np.concatenate(parts) if parts else np.empty(0, dtype=EXTENT_DTYPE)
+
+
+def iter_extents(img: Image, start: int = 0, length: int | None = None, *,
+                 memory: int = DEFAULT_MEMORY) -> Iterator[Extent]:
+    """Merged extents of a range as :class:`Extent` objects."""
+    for batch in map_batches(img, start, length, memory=memory):
+        for row in batch:
+            yield Extent.from_row(row)
+
+
+def layer_filenames(img: Image) -> list[str]:
+    """For each depth, the file an extent's offset refers to (as qemu-img map's File column)."""
+    out = []
+    for layer in img.chain():
+        if isinstance(layer, Image) and layer.header.has_data_file and layer.header.data_file:
+            out.append(layer.header.data_file)
+        else:
+            out.append(layer.filename)
+    return out
