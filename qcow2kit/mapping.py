@@ -60,7 +60,7 @@ MERGE_FLAGS = FLAG_PRESENT | FLAG_ZERO | FLAG_DATA | FLAG_OFFSET | FLAG_COMPRESS
 DEFAULT_MEMORY = 32 * 1024 * 1024
 #: Bytes of working memory per decoded unit (L2 entry words plus the numpy
 #: temporaries of decoding, overlaying and merging), measured with tracemalloc.
-BYTES_PER_UNIT = 160
+BYTES_PER_UNIT = 320
 
 # Status of one unit in its own layer, before resolving the backing chain.
 _FALLTHROUGH = 0x80    # internal: ask the backing file
@@ -226,6 +226,8 @@ class _Layer:
     backing: "_Layer | None"
     prealloc: bool = False
     regions: tuple[np.ndarray, np.ndarray] | None = None
+    #: the last L2 table read, for windows smaller than one table's span
+    last_table: tuple[int, np.ndarray, np.ndarray | None] | None = None
 
     def file_regions(self) -> tuple[np.ndarray, np.ndarray]:
         if self.regions is None:
@@ -273,10 +275,8 @@ def detect_metadata_preallocation(img: Image) -> bool:
                                     f"invalid (refcount table index {i})",
                                     field="refcount table entry",
                                     offset=h.refcount_table_offset + 8 * i, path=img.filename)
-        counts = T.decode_refcount_block(img.src.read_at(block_off, cs, field="refcount block"),
-                                         h.refcount_order)
-        counts = counts[:max(0, end_cluster - first)]
-        count += int(np.count_nonzero(counts))
+        count += T.count_nonzero_refcounts(img.src.read_at(block_off, cs, field="refcount block"),
+                                           h.refcount_order, max(0, end_cluster - first))
         if count > threshold:
             return True
     return False
@@ -370,7 +370,13 @@ def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
     unit_bits = geo.unit_bits
     l1_lo = w0 >> span_bits
     l1_hi = ((w1 - 1) >> span_bits) + 1
-    tables = _read_l2_batch(img, l1_lo, l1_hi)
+    last = layer.last_table
+    if last is not None and l1_hi - l1_lo == 1 and last[0] == l1_lo:
+        tables = [last]
+    else:
+        tables = _read_l2_batch(img, l1_lo, l1_hi)
+        if tables:
+            layer.last_table = tables[-1]
     crypto = img.encrypted
     pieces: list[np.ndarray] = []
     pos = w0
@@ -531,13 +537,16 @@ def map_batches(img: Image, start: int = 0, length: int | None = None, *,
     if memory < 64 * 1024:
         raise ValueError(f"memory budget of {memory} bytes is too small (at least 64 KiB)")
     layers = _make_layers(img)
-    # Window: as many top-level L1 entries as the budget allows (at least one).
-    if isinstance(img, Image):
-        span = 1 << (img.cluster_bits + img.geometry.l2_bits)
-    else:
-        span = 1 << 30
+    # Window: as many guest bytes as the budget allows, in whole top-level L1 entries
+    # when at least one fits, else in whole clusters (the table is then kept between
+    # windows so it is read once).
+    span = 1 << (img.cluster_bits + img.geometry.l2_bits)
     units = max(1, memory // BYTES_PER_UNIT)
-    window = max(span, int(units / _units_per_byte(layers)) // span * span)
+    window = int(units / _units_per_byte(layers))
+    if window >= span:
+        window = window // span * span
+    else:
+        window = max(img.cluster_size, window // img.cluster_size * img.cluster_size)
     held: np.ndarray | None = None
     pos = start
     while pos < end:

@@ -179,6 +179,15 @@ def decode_refcount_block(raw: bytes, refcount_order: int) -> np.ndarray:
     return vals.reshape(-1).astype(np.uint64)
 
 
+def count_nonzero_refcounts(raw: bytes, refcount_order: int, limit: int) -> int:
+    """How many of the first ``limit`` entries of a refcount block are non-zero (no widening copy)."""
+    bits = 1 << refcount_order
+    if bits >= 8:
+        vals = np.frombuffer(raw, dtype=np.dtype(f">u{bits // 8}"))
+        return int(np.count_nonzero(vals[:limit]))
+    return int(np.count_nonzero(decode_refcount_block(raw, refcount_order)[:limit]))
+
+
 def run_boundaries(kind: np.ndarray, host: np.ndarray, step: int,
                    units_per_cluster: int = 1) -> np.ndarray:
     """Indices where a new run starts: kind changes, or a DATA unit is not host-contiguous.
