@@ -420,7 +420,10 @@ def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
         np.not_equal(flags[1:], flags[:-1], out=brk[1:])
         has_off = (flags[1:] & np.uint8(FLAG_OFFSET)) != 0
         brk[1:] |= has_off & (host[1:] != host[:-1] + step)
-        brk[1:] |= kind[1:] == T.COMPRESSED
+        if geo.units_per_cluster == 1:
+            brk[1:] |= kind[1:] == T.COMPRESSED
+        else:  # a compressed cluster is one run, however many subcluster units it spans
+            brk[1:] |= (kind[1:] == T.COMPRESSED) & (np.arange(1, n) % geo.units_per_cluster == 0)
         heads = np.flatnonzero(brk)
         ustart = np.uint64(base + (c0 << cb)) + heads.astype(np.uint64) * step
         uend = np.empty(heads.shape[0], np.uint64)
@@ -429,7 +432,7 @@ def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
         # Clip the first and last run to the window.
         s = np.maximum(ustart, np.uint64(t0))
         e = np.minimum(uend, np.uint64(t1))
-        off = host[heads] + (s - ustart)
+        off = np.where(kind[heads] == T.COMPRESSED, host[heads], host[heads] + (s - ustart))
         pieces.append(_runs(s, e - s, off, flags[heads], kind[heads],
                             np.full(heads.shape[0], depth, np.uint16)))
         pos = t1
@@ -521,14 +524,14 @@ def _resolve(layer: _Layer, w0: int, w1: int) -> np.ndarray:
 # --------------------------------------------------------------------------- public API
 
 
-def map_batches(img: Image, start: int = 0, length: int | None = None, *,
-                memory: int = DEFAULT_MEMORY) -> Iterator[np.ndarray]:
-    """Merged extents of ``[start, start+length)`` as EXTENT_DTYPE arrays, batch by batch.
+def resolved_batches(img: Image, start: int = 0, length: int | None = None, *,
+                     memory: int = DEFAULT_MEMORY) -> Iterator[np.ndarray]:
+    """Unmerged runs of ``[start, start+length)``, every layer resolved, window by window.
 
-    Consecutive batches are already merged with each other (an extent that
-    could continue into the next batch is held back), so concatenating all
-    batches gives exactly what ``qemu-img map`` lists.  Working memory stays
-    within ``memory`` bytes plus a small constant, whatever the image size.
+    Each run is uniform in one layer's L2 table: a compressed cluster is a
+    run of its own whose ``offset`` is the compressed stream's host offset
+    (FLAG_OFFSET is not set for it, as QEMU reports none).  The host-order
+    planner consumes these; :func:`map_batches` merges them.
     """
     size = img.size
     end = size if length is None else min(size, start + max(length, 0))
@@ -547,12 +550,26 @@ def map_batches(img: Image, start: int = 0, length: int | None = None, *,
         window = window // span * span
     else:
         window = max(img.cluster_size, window // img.cluster_size * img.cluster_size)
-    held: np.ndarray | None = None
     pos = start
     while pos < end:
         w1 = min(end, (pos // window + 1) * window)
         runs = _resolve(layers, pos, w1)
         runs["flags"] &= np.uint8(~_FALLTHROUGH & 0xFF)
+        yield runs
+        pos = w1
+
+
+def map_batches(img: Image, start: int = 0, length: int | None = None, *,
+                memory: int = DEFAULT_MEMORY) -> Iterator[np.ndarray]:
+    """Merged extents of ``[start, start+length)`` as EXTENT_DTYPE arrays, batch by batch.
+
+    Consecutive batches are already merged with each other (an extent that
+    could continue into the next batch is held back), so concatenating all
+    batches gives exactly what ``qemu-img map`` lists.  Working memory stays
+    within ``memory`` bytes plus a small constant, whatever the image size.
+    """
+    held: np.ndarray | None = None
+    for runs in resolved_batches(img, start, length, memory=memory):
         merged = merge(runs)
         if held is not None:
             if _can_join(held[0], merged[0]):
@@ -565,7 +582,6 @@ def map_batches(img: Image, start: int = 0, length: int | None = None, *,
         held = merged[-1:].copy()
         if merged.shape[0] > 1:
             yield merged[:-1]
-        pos = w1
     if held is not None:
         yield held
 

@@ -1,0 +1,365 @@
+"""Reading an image in host-offset order, in bounded memory.
+
+qcow2 maps guest clusters to host clusters but keeps no reverse map, so the
+only way to visit data in host order is to scan every L2 table and sort.
+Sorting all extents of a large image needs memory proportional to the
+image; instead the planner
+
+1. scans once, counting data runs per (file, host bucket) in a histogram of
+   at most a few thousand buckets per file (and keeps the runs if they all
+   fit the budget, in which case one pass is all there is);
+2. cuts each file's host range into windows whose runs fit the budget;
+3. for each window, rescans the L2 tables (about 1/8192 of the data for
+   64 KiB clusters) keeping only the runs whose host offset falls in the
+   window, sorts them, and coalesces host-contiguous runs into requests.
+
+So the order is strictly non-decreasing per file over the whole image,
+whatever its size.  Files are visited top layer first (its data file if it
+has one), then each backing layer for what it still provides.
+
+:func:`plan` gives the ordered requests without reading; :func:`read_host_order`
+reads them, one pread per request, and says which guest ranges the bytes
+belong to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .image import Image, RawImage
+from .mapping import (DEFAULT_MEMORY, FLAG_COMPRESSED, FLAG_DATA, FLAG_OFFSET, FLAG_ZERO,
+                      resolved_batches)
+
+#: One planned read: ``length`` bytes at ``host`` in file ``file`` (a chain depth).
+#: Runs of several guest ranges share a request; see :data:`RUN_DTYPE`.
+REQUEST_DTYPE = np.dtype([("file", "<u2"), ("host", "<u8"), ("length", "<u8"),
+                          ("first_run", "<u8"), ("nruns", "<u4"), ("compressed", "u1")])
+
+#: One guest range of a request: guest [guest, guest+length) is stored at ``host`` in
+#: the file, which is read for ``rlen`` bytes (= length, except for a compressed
+#: cluster, whose stream of rlen bytes at host decompresses to the whole cluster).
+RUN_DTYPE = np.dtype([("file", "<u2"), ("host", "<u8"), ("length", "<u8"), ("guest", "<u8"),
+                      ("rlen", "<u8"), ("compressed", "u1")])
+
+DEFAULT_MAX_REQUEST = 1 << 20
+#: Bytes per kept run while sorting a window (run record + sort index + temporaries).
+BYTES_PER_RUN = 128
+_BUCKETS_PER_FILE = 4096
+
+
+def _data_runs(runs: np.ndarray) -> np.ndarray:
+    """The runs that must be read: stored data (not file holes), with a host offset."""
+    f = runs["flags"]
+    data = (f & np.uint8(FLAG_DATA)) != 0
+    zero = (f & np.uint8(FLAG_ZERO)) != 0
+    located = (f & np.uint8(FLAG_OFFSET | FLAG_COMPRESSED)) != 0
+    sel = runs[data & ~zero & located]
+    out = np.empty(sel.shape[0], dtype=RUN_DTYPE)
+    out["file"] = sel["depth"]
+    out["host"] = sel["offset"]
+    out["length"] = sel["length"]
+    out["guest"] = sel["start"]
+    out["rlen"] = sel["length"]
+    out["compressed"] = (sel["flags"] & np.uint8(FLAG_COMPRESSED)) != 0
+    return out
+
+
+@dataclass
+class PlanStats:
+    """What planning cost: passes over the L2 tables and windows sorted."""
+
+    passes: int = 0
+    windows: int = 0
+    runs: int = 0
+    data_bytes: int = 0
+
+
+def sorted_runs(scan: Callable[[], Iterable[np.ndarray]], file_sizes: list[int], *,
+                memory: int = DEFAULT_MEMORY, stats: PlanStats | None = None
+                ) -> Iterator[np.ndarray]:
+    """Runs (RUN_DTYPE) from repeated ``scan()`` calls, in (file, host) order, window by window.
+
+    ``scan`` must return a fresh iterator over the same RUN_DTYPE batches
+    each time it is called.  At most about ``memory`` bytes of runs are held.
+    """
+    st = stats if stats is not None else PlanStats()
+    cap = max(1, memory // BYTES_PER_RUN)
+    nfiles = len(file_sizes)
+    bucket_bits = [max(20, (max(sz, 1) // _BUCKETS_PER_FILE).bit_length()) for sz in file_sizes]
+    nbuckets = [(max(sz, 1) >> b) + 1 for sz, b in zip(file_sizes, bucket_bits)]
+    hist = [np.zeros(n, dtype=np.int64) for n in nbuckets]
+    kept: list[np.ndarray] | None = []
+    count = 0
+    st.passes += 1
+    for batch in scan():
+        if batch.shape[0] == 0:
+            continue
+        count += batch.shape[0]
+        st.runs += batch.shape[0]
+        st.data_bytes += int(batch["length"].sum())
+        for f in np.unique(batch["file"]).tolist():
+            sel = batch["host"][batch["file"] == f] >> np.uint64(bucket_bits[f])
+            b = np.minimum(sel, np.uint64(nbuckets[f] - 1)).astype(np.int64)
+            hist[f] += np.bincount(b, minlength=nbuckets[f])
+        if kept is not None:
+            if count <= cap:
+                kept.append(batch)
+            else:
+                kept = None
+    if kept is not None:
+        if kept:
+            allruns = np.concatenate(kept)
+            order = np.lexsort((allruns["host"], allruns["file"]))
+            st.windows += 1
+            yield allruns[order]
+        return
+    # Windows: consecutive buckets of one file whose runs fit the cap.
+    for f in range(nfiles):
+        h = hist[f]
+        nz = np.flatnonzero(h)
+        if nz.shape[0] == 0:
+            continue
+        b = int(nz[0])
+        last = int(nz[-1])
+        while b <= last:
+            total = 0
+            e = b
+            while e <= last and (total == 0 or total + int(h[e]) <= cap):
+                total += int(h[e])
+                e += 1
+            lo = np.uint64(b << bucket_bits[f])
+            hi = np.uint64(e << bucket_bits[f]) if e <= last else np.uint64(np.iinfo(np.uint64).max)
+            st.passes += 1
+            st.windows += 1
+            parts = []
+            for batch in scan():
+                m = (batch["file"] == f) & (batch["host"] >= lo) & (batch["host"] < hi)
+                if m.any():
+                    parts.append(batch[m])
+            if parts:
+                win = np.concatenate(parts)
+                yield win[np.argsort(win["host"], kind="stable")]
+            b = e
+
+
+def coalesce(runs: np.ndarray, *, max_request: int = DEFAULT_MAX_REQUEST,
+             read_gap: int = 0) -> np.ndarray:
+    """Requests (REQUEST_DTYPE) for host-sorted ``runs``: contiguous runs of one file share one read.
+
+    A run joins the previous request when it starts where that ends (or, with
+    ``read_gap``, at most that many bytes later: the gap is read through and
+    thrown away) and the request stays within ``max_request`` bytes.  A
+    compressed run is always a request of its own.  Runs longer than
+    ``max_request`` are not split here; the reader reads them in pieces.
+    """
+    n = runs.shape[0]
+    out = np.empty(0, dtype=REQUEST_DTYPE)
+    if n == 0:
+        return out
+    host = runs["host"].astype(np.int64)
+    length = runs["rlen"].astype(np.int64)
+    comp = runs["compressed"] != 0
+    end = host + length
+    new = np.ones(n, dtype=bool)
+    gap = host[1:] - end[:-1]
+    new[1:] = ((runs["file"][1:] != runs["file"][:-1]) | (gap < 0) | (gap > read_gap)
+               | comp[1:] | comp[:-1])
+    # Enforce max_request greedily inside each chain of joinable runs (loop per chain
+    # only where a chain is long enough to need cutting).
+    heads = np.flatnonzero(new)
+    stops = np.append(heads[1:], n)
+    span = end[stops - 1] - host[heads]
+    for h, s in zip(heads[span > max_request].tolist(), stops[span > max_request].tolist()):
+        start = host[h]
+        for i in range(h + 1, s):
+            if end[i] - start > max_request:
+                new[i] = True
+                start = host[i]
+    heads = np.flatnonzero(new)
+    stops = np.append(heads[1:], n)
+    out = np.empty(heads.shape[0], dtype=REQUEST_DTYPE)
+    out["file"] = runs["file"][heads]
+    out["host"] = host[heads]
+    out["length"] = end[stops - 1] - host[heads]
+    out["first_run"] = heads
+    out["nruns"] = stops - heads
+    out["compressed"] = comp[heads]
+    return out
+
+
+class HostOrderPlan:
+    """The host-ordered reads of an image, produced window by window.
+
+    Iterating yields ``(requests, runs)`` pairs: REQUEST_DTYPE rows whose
+    ``first_run``/``nruns`` index into the RUN_DTYPE ``runs`` of the same
+    window.  ``files`` names the file of each ``file`` index.
+    """
+
+    def __init__(self, img: Image, start: int = 0, length: int | None = None, *,
+                 memory: int = DEFAULT_MEMORY, max_request: int = DEFAULT_MAX_REQUEST,
+                 read_gap: int = 0) -> None:
+        self.img = img
+        self.start = start
+        self.length = length
+        self.memory = memory
+        self.max_request = max_request
+        self.read_gap = read_gap
+        self.layers: list[Image | RawImage] = img.chain()
+        self.files = [_file_name(layer) for layer in self.layers]
+        self.stats = PlanStats()
+        # Half the budget for the L2 scan, half for the runs being sorted.
+        self._scan_memory = max(64 * 1024, memory // 2)
+
+    def _scan(self) -> Iterator[np.ndarray]:
+        for runs in resolved_batches(self.img, self.start, self.length,
+                                     memory=self._scan_memory):
+            yield _data_runs(runs)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        sizes = [_data_size(layer) for layer in self.layers]
+        for runs in sorted_runs(self._scan, sizes, memory=self.memory // 2, stats=self.stats):
+            runs = _fix_compressed(self.layers, runs)
+            yield coalesce(runs, max_request=self.max_request, read_gap=self.read_gap), runs
+
+    def requests(self) -> Iterator[np.ndarray]:
+        """The read requests only (what a disk model needs), window by window."""
+        for reqs, _ in self:
+            yield reqs
+
+
+def _data_size(layer: Image | RawImage) -> int:
+    if isinstance(layer, Image):
+        return layer.data_source.size
+    return layer.size
+
+
+def _file_name(layer: Image | RawImage) -> str:
+    if isinstance(layer, Image) and layer.header.has_data_file:
+        return layer.data_file_path or layer.filename
+    return layer.filename
+
+
+def _fix_compressed(layers: list[Image | RawImage], runs: np.ndarray) -> np.ndarray:
+    """Compressed runs cover whole clusters of guest data; their read length is the stream's."""
+    comp = np.flatnonzero(runs["compressed"])
+    if comp.shape[0] == 0:
+        return runs
+    runs = runs.copy()
+    for i in comp.tolist():
+        layer = layers[int(runs["file"][i])]
+        assert isinstance(layer, Image)
+        g = int(runs["guest"][i])
+        cstart = g >> layer.cluster_bits << layer.cluster_bits
+        seg = next(layer.segments(cstart, 1))
+        runs["host"][i] = seg.host
+        runs["rlen"][i] = seg.csize
+    # Keep (file, host) order after the fix-up (offsets do not change, lengths may).
+    return runs
+
+
+@dataclass
+class HostReadItem:
+    """One read in host order.
+
+    ``file`` is the chain depth (see ``HostOrderPlan.files``), ``host`` and
+    ``length`` the bytes read from that file; ``pieces`` lists
+    ``(guest_offset, length, data)`` with ``data`` a memoryview of the guest
+    bytes (decompressed for a compressed cluster).
+    """
+
+    file: int
+    host: int
+    length: int
+    pieces: list[tuple[int, int, memoryview]]
+
+
+def read_host_order(img: Image, start: int = 0, length: int | None = None, *,
+                    memory: int = DEFAULT_MEMORY, max_request: int = DEFAULT_MAX_REQUEST,
+                    read_gap: int = 0, plan: HostOrderPlan | None = None
+                    ) -> Iterator[HostReadItem]:
+    """Yield the image's stored guest data in host order, one item per read request.
+
+    Every data cluster (or subcluster) of every layer that the guest sees
+    comes out exactly once; ranges that read as zero are not read (use
+    :func:`zero_ranges` for them).  A request longer than ``max_request``
+    (a long contiguous run) is read in ``max_request`` pieces.
+    """
+    img._check_readable()
+    p = plan or HostOrderPlan(img, start, length, memory=memory, max_request=max_request,
+                              read_gap=read_gap)
+    sources = [layer.data_source if isinstance(layer, Image) else layer.src
+               for layer in p.layers]
+    for reqs, runs in p:
+        for r in reqs:
+            f = int(r["file"])
+            host = int(r["host"])
+            rlen = int(r["length"])
+            first = int(r["first_run"])
+            nr = int(r["nruns"])
+            src = sources[f]
+            if r["compressed"]:
+                layer = p.layers[f]
+                assert isinstance(layer, Image)
+                g = int(runs["guest"][first])
+                cstart = g >> layer.cluster_bits << layer.cluster_bits
+                data = layer._decompress(host, rlen)
+                skip = g - cstart
+                glen = int(runs["length"][first])
+                yield HostReadItem(f, host, rlen, [(g, glen, memoryview(data)[skip:skip + glen])])
+                continue
+            # One pread per max_request piece of the request.
+            pos = 0
+            while pos < rlen:
+                n = min(max_request, rlen - pos) if rlen > max_request else rlen
+                buf = src.read_padded(host + pos, n, field="data cluster")
+                mv = memoryview(buf)
+                pieces = []
+                rs = runs[first:first + nr]
+                hs = rs["host"].astype(np.int64)
+                ls = rs["length"].astype(np.int64)
+                lo = host + pos
+                hi = lo + n
+                sel = np.flatnonzero((hs < hi) & (hs + ls > lo))
+                for k in sel.tolist():
+                    a = max(int(hs[k]), lo)
+                    b = min(int(hs[k] + ls[k]), hi)
+                    g = int(rs["guest"][k]) + (a - int(hs[k]))
+                    pieces.append((g, b - a, mv[a - lo:b - lo]))
+                yield HostReadItem(f, lo, n, pieces)
+                pos += n
+
+
+def zero_ranges(img: Image, start: int = 0, length: int | None = None, *,
+                memory: int = DEFAULT_MEMORY) -> Iterator[tuple[int, int]]:
+    """Guest ranges that read as zeros without reading anything (merged, guest order)."""
+    pend: tuple[int, int] | None = None
+    for runs in resolved_batches(img, start, length, memory=memory):
+        f = runs["flags"]
+        z = ((f & np.uint8(FLAG_ZERO)) != 0) | ((f & np.uint8(FLAG_DATA)) == 0)
+        sel = runs[z]
+        for s, n in zip(sel["start"].tolist(), sel["length"].tolist()):
+            if pend is not None and pend[0] + pend[1] == s:
+                pend = (pend[0], pend[1] + n)
+            else:
+                if pend is not None:
+                    yield pend
+                pend = (s, n)
+    if pend is not None:
+        yield pend
+
+
+def guest_order_requests(img: Image, start: int = 0, length: int | None = None, *,
+                         memory: int = DEFAULT_MEMORY, max_request: int = DEFAULT_MAX_REQUEST
+                         ) -> Iterator[np.ndarray]:
+    """The requests a guest-order reader issues (REQUEST_DTYPE, no run index), batch by batch.
+
+    Runs are taken in guest order and host-contiguous neighbours in the same
+    file are coalesced, exactly as :func:`coalesce` does for host order.
+    """
+    for runs in resolved_batches(img, start, length, memory=memory):
+        d = _data_runs(runs)
+        yield coalesce(_fix_compressed(img.chain(), d), max_request=max_request)
+
