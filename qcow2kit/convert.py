@@ -13,7 +13,9 @@ from typing import Callable
 
 import numpy as np
 
+from .hostorder import read_host_order, zero_ranges
 from .image import Image, block_status
+from .mapping import DEFAULT_MEMORY
 
 SPARSE_BLOCK = 4096
 DEFAULT_CHUNK = 4 * 1024 * 1024
@@ -45,32 +47,63 @@ def _write_nonzero(fd: int, offset: int, buf: memoryview) -> int:
 
 def convert_to_raw(img: Image, dst: str | os.PathLike[str], *,
                    progress: Callable[[int], None] | None = None,
-                   chunk_size: int = DEFAULT_CHUNK) -> int:
+                   chunk_size: int = DEFAULT_CHUNK, order: str = "host",
+                   memory: int = DEFAULT_MEMORY) -> int:
     """Write ``img``'s guest content to ``dst`` as a sparse raw file; returns bytes written.
 
-    ``progress`` is called with the number of guest bytes done since the last call.
+    ``order="host"`` (the default) reads the stored data in host-offset
+    order, so the disk under the image reads front to back (see
+    :mod:`qcow2kit.hostorder`); ``order="guest"`` reads guest offsets in
+    sequence.  Both give the same file.  ``progress`` is called with the
+    number of guest bytes done since its last call.
     """
+    if order not in ("host", "guest"):
+        raise ValueError(f"order must be 'host' or 'guest', not {order!r}")
     img._check_readable()
     fd = os.open(os.fspath(dst), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
                  0o644)
     written = 0
     try:
         os.ftruncate(fd, img.size)
-        buf = bytearray(chunk_size)
-        pos = 0
-        while pos < img.size:
-            n = min(chunk_size, img.size - pos)
-            # Find what in this chunk needs reading; known-zero ranges stay holes.
-            for st in block_status(img, pos, n):
-                if not st.data:
-                    continue
-                mv = memoryview(buf)[:st.length]
-                img.readinto(st.guest, mv)
-                written += _write_nonzero(fd, st.guest, mv)
-            if progress is not None:
-                progress(n)
-            pos += n
+        if order == "host":
+            written = _convert_host_order(img, fd, progress, memory)
+        else:
+            written = _convert_guest_order(img, fd, progress, chunk_size)
         os.fsync(fd)
     finally:
         os.close(fd)
+    return written
+
+
+def _convert_host_order(img: Image, fd: int, progress: Callable[[int], None] | None,
+                        memory: int) -> int:
+    written = 0
+    if progress is not None:
+        for _, n in zero_ranges(img, memory=memory):
+            progress(n)  # nothing to read or write: the file is already zero there
+    for item in read_host_order(img, memory=memory):
+        for guest, n, data in item.pieces:
+            written += _write_nonzero(fd, guest, data)
+            if progress is not None:
+                progress(n)
+    return written
+
+
+def _convert_guest_order(img: Image, fd: int, progress: Callable[[int], None] | None,
+                         chunk_size: int) -> int:
+    written = 0
+    buf = bytearray(chunk_size)
+    pos = 0
+    while pos < img.size:
+        n = min(chunk_size, img.size - pos)
+        # Find what in this chunk needs reading; known-zero ranges stay holes.
+        for st in block_status(img, pos, n):
+            if not st.data:
+                continue
+            mv = memoryview(buf)[:st.length]
+            img.readinto(st.guest, mv)
+            written += _write_nonzero(fd, st.guest, mv)
+        if progress is not None:
+            progress(n)
+        pos += n
     return written

@@ -78,12 +78,15 @@ class PlanStats:
 
 
 def sorted_runs(scan: Callable[[], Iterable[np.ndarray]], file_sizes: list[int], *,
-                memory: int = DEFAULT_MEMORY, stats: PlanStats | None = None
-                ) -> Iterator[np.ndarray]:
-    """Runs (RUN_DTYPE) from repeated ``scan()`` calls, in (file, host) order, window by window.
+                memory: int = DEFAULT_MEMORY, stats: PlanStats | None = None,
+                file_field: str = "file", host_field: str = "host",
+                length_field: str = "length") -> Iterator[np.ndarray]:
+    """Rows from repeated ``scan()`` calls, in (file, host) order, window by window.
 
-    ``scan`` must return a fresh iterator over the same RUN_DTYPE batches
-    each time it is called.  At most about ``memory`` bytes of runs are held.
+    ``scan`` must return a fresh iterator over the same batches of a
+    structured array each time it is called (RUN_DTYPE by default; the field
+    names say which fields hold the file index, host offset and length).  At
+    most about ``memory`` bytes of rows are held.
     """
     st = stats if stats is not None else PlanStats()
     cap = max(1, memory // BYTES_PER_RUN)
@@ -99,9 +102,9 @@ def sorted_runs(scan: Callable[[], Iterable[np.ndarray]], file_sizes: list[int],
             continue
         count += batch.shape[0]
         st.runs += batch.shape[0]
-        st.data_bytes += int(batch["length"].sum())
-        for f in np.unique(batch["file"]).tolist():
-            sel = batch["host"][batch["file"] == f] >> np.uint64(bucket_bits[f])
+        st.data_bytes += int(batch[length_field].sum())
+        for f in np.unique(batch[file_field]).tolist():
+            sel = batch[host_field][batch[file_field] == f] >> np.uint64(bucket_bits[f])
             b = np.minimum(sel, np.uint64(nbuckets[f] - 1)).astype(np.int64)
             hist[f] += np.bincount(b, minlength=nbuckets[f])
         if kept is not None:
@@ -112,7 +115,7 @@ def sorted_runs(scan: Callable[[], Iterable[np.ndarray]], file_sizes: list[int],
     if kept is not None:
         if kept:
             allruns = np.concatenate(kept)
-            order = np.lexsort((allruns["host"], allruns["file"]))
+            order = np.lexsort((allruns[host_field], allruns[file_field]))
             st.windows += 1
             yield allruns[order]
         return
@@ -136,12 +139,12 @@ def sorted_runs(scan: Callable[[], Iterable[np.ndarray]], file_sizes: list[int],
             st.windows += 1
             parts = []
             for batch in scan():
-                m = (batch["file"] == f) & (batch["host"] >= lo) & (batch["host"] < hi)
+                m = (batch[file_field] == f) & (batch[host_field] >= lo) & (batch[host_field] < hi)
                 if m.any():
                     parts.append(batch[m])
             if parts:
                 win = np.concatenate(parts)
-                yield win[np.argsort(win["host"], kind="stable")]
+                yield win[np.argsort(win[host_field], kind="stable")]
             b = e
 
 
@@ -363,3 +366,34 @@ def guest_order_requests(img: Image, start: int = 0, length: int | None = None, 
         d = _data_runs(runs)
         yield coalesce(_fix_compressed(img.chain(), d), max_request=max_request)
 
+
+def map_host_order(img: Image, start: int = 0, length: int | None = None, *,
+                   memory: int = DEFAULT_MEMORY, include_all: bool = False
+                   ) -> Iterator[np.ndarray]:
+    """The extents of :func:`qcow2kit.mapping.map_batches` sorted by (file, host offset).
+
+    Extents with a host offset come first, ordered by chain depth (their
+    file) and offset; then, in guest order, data extents without an offset
+    (compressed or encrypted data), and with ``include_all`` the extents
+    that hold no data.  Memory stays bounded as for :class:`HostOrderPlan`.
+    """
+    from .mapping import map_batches
+
+    layers = img.chain()
+    sizes = [_data_size(layer) for layer in layers]
+    scan_memory = max(64 * 1024, memory // 2)
+
+    def located() -> Iterator[np.ndarray]:
+        for b in map_batches(img, start, length, memory=scan_memory):
+            f = b["flags"]
+            yield b[((f & np.uint8(FLAG_DATA)) != 0) & ((f & np.uint8(FLAG_OFFSET)) != 0)]
+
+    yield from sorted_runs(located, sizes, memory=memory // 2, file_field="depth",
+                           host_field="offset")
+    for b in map_batches(img, start, length, memory=scan_memory):
+        f = b["flags"]
+        data = (f & np.uint8(FLAG_DATA)) != 0
+        off = (f & np.uint8(FLAG_OFFSET)) != 0
+        rest = (data & ~off) | (~data if include_all else np.zeros(b.shape[0], bool))
+        if rest.any():
+            yield b[rest]
