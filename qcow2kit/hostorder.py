@@ -223,6 +223,7 @@ class HostOrderPlan:
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         sizes = [_data_size(layer) for layer in self.layers]
+        self.stats = PlanStats()  # figures of the latest iteration
         for runs in sorted_runs(self._scan, sizes, memory=self.memory // 2, stats=self.stats):
             runs = _fix_compressed(self.layers, runs)
             yield coalesce(runs, max_request=self.max_request, read_gap=self.read_gap), runs

@@ -1088,3 +1088,38 @@ def map_human_chunks(batches: Iterable[np.ndarray],
 
 __all__ += ["EXTENT_DTYPE", "MAP_HUMAN_ERROR", "MAP_HUMAN_HEADER", "MapRenderError",
             "map_json_chunks", "map_human_chunks"]
+
+
+# --------------------------------------------------------------------------- bench order
+
+
+def plain_json(obj: Any) -> str:
+    """Ordinary indented JSON (for qcow2kit's own objects, which qemu-img has no form of)."""
+    import json
+    return json.dumps(obj, indent=2)
+
+
+def render_bench_order_human(r: Mapping[str, Any]) -> str:
+    """The human form of ``qcow2kit bench order``."""
+    def secs(v: Any) -> str:
+        return "-" if v is None else f"{v:.2f} s"
+
+    g, h = r["guest"], r["host"]
+    lines = [f"files: {', '.join(r['files'])}",
+             f"{'order':<8}{'requests':>12}{'bytes':>16}{'model':>14}{'measured':>14}"]
+    for name, d in (("guest", g), ("host", h)):
+        lines.append(f"{name:<8}{d['requests']:>12}{d['bytes']:>16}"
+                     f"{secs(d['model_seconds']):>14}{secs(d['measured_seconds']):>14}")
+    lines.append(f"sequential bound: {secs(r['sequential_bound_seconds'])}")
+    if h["model_seconds"]:
+        lines.append(f"modelled speed-up of host order: {g['model_seconds'] / h['model_seconds']:.1f}x")
+    if g["measured_seconds"] and h["measured_seconds"]:
+        lines.append(f"measured here: {g['measured_seconds'] / h['measured_seconds']:.2f}x "
+                     f"(page cache: {r['cache']})")
+    m = r["model"]
+    lines.append("model: " + ", ".join(f"{k}={v}" for k, v in m.items()))
+    p = r.get("planning")
+    if p:
+        lines.append(f"host-order planning: {p['passes']} pass(es) over the L2 tables, "
+                     f"{p['windows']} window(s)")
+    return "\n".join(lines) + "\n"
