@@ -80,14 +80,132 @@ class PlanStats:
 def sorted_runs(scan: Callable[[], Iterable[np.ndarray]], file_sizes: list[int], *,
                 memory: int = DEFAULT_MEMORY, stats: PlanStats | None = None,
                 file_field: str = "file", host_field: str = "host",
-                length_field: str = "length") -> Iterator[np.ndarray]:
-    """Rows from repeated ``scan()`` calls, in (file, host) order, window by window.
+                length_field: str = "length", strategy: str = "merge"
+                ) -> Iterator[np.ndarray]:
+    """Rows from ``scan()`` in (file, host) order, batch by batch, holding about ``memory`` bytes.
 
-    ``scan`` must return a fresh iterator over the same batches of a
-    structured array each time it is called (RUN_DTYPE by default; the field
-    names say which fields hold the file index, host offset and length).  At
-    most about ``memory`` bytes of rows are held.
+    ``scan`` returns an iterator over batches of a structured array (RUN_DTYPE
+    by default; the field names say which fields hold the file index, host
+    offset and length).  If all rows fit the budget, one scan and one sort do
+    it.  Otherwise, with ``strategy="merge"`` (default) the one scan spills
+    budget-sized sorted chunks to an unlinked temporary file and merges them;
+    with ``strategy="rescan"`` it histograms host offsets and calls ``scan()``
+    again once per host window (no temporary space, more table reads).
     """
+    if strategy == "merge":
+        yield from _sorted_merge(scan, memory=memory, stats=stats, file_field=file_field,
+                                 host_field=host_field, length_field=length_field)
+    elif strategy == "rescan":
+        yield from _sorted_rescan(scan, file_sizes, memory=memory, stats=stats,
+                                  file_field=file_field, host_field=host_field,
+                                  length_field=length_field)
+    else:
+        raise ValueError(f"strategy must be 'merge' or 'rescan', not {strategy!r}")
+
+
+def _key(rows: np.ndarray, file_field: str, host_field: str) -> np.ndarray:
+    """One sortable uint64 per row: file index in the top 8 bits, host offset (< 2^56) below."""
+    return (rows[file_field].astype(np.uint64) << np.uint64(56)) | rows[host_field]
+
+
+def _sorted_merge(scan: Callable[[], Iterable[np.ndarray]], *, memory: int,
+                  stats: PlanStats | None, file_field: str, host_field: str,
+                  length_field: str) -> Iterator[np.ndarray]:
+    import tempfile
+
+    st = stats if stats is not None else PlanStats()
+    cap = max(1024, memory // BYTES_PER_RUN)
+    pending: list[np.ndarray] = []
+    count = 0
+    spill = None
+    chunks: list[tuple[int, int]] = []   # (first row, rows) of each sorted chunk in the spill
+    dtype = None
+    st.passes += 1
+
+    def sort(rows: np.ndarray) -> np.ndarray:
+        return rows[np.argsort(_key(rows, file_field, host_field), kind="stable")]
+
+    def flush() -> None:
+        nonlocal spill, pending, count
+        rows = sort(np.concatenate(pending))
+        if spill is None:
+            spill = tempfile.TemporaryFile(prefix="qcow2kit-sort-")
+        first = sum(n for _, n in chunks)
+        spill.seek(first * rows.dtype.itemsize)
+        rows.tofile(spill)
+        chunks.append((first, rows.shape[0]))
+        pending, count = [], 0
+
+    for batch in scan():
+        if batch.shape[0] == 0:
+            continue
+        dtype = batch.dtype
+        st.runs += batch.shape[0]
+        st.data_bytes += int(batch[length_field].sum())
+        pending.append(batch)
+        count += batch.shape[0]
+        if count >= cap:
+            flush()
+    if spill is None:
+        if pending:
+            st.windows += 1
+            yield sort(np.concatenate(pending))
+        return
+    if pending:
+        flush()
+    assert spill is not None and dtype is not None
+    # k-way merge: keep a block of each chunk in memory; everything up to the smallest
+    # "last key loaded" of the chunks not yet exhausted is final and can go out.
+    k = len(chunks)
+    block = max(256, cap // (k + 1))
+    item = dtype.itemsize
+    pos = [0] * k
+    bufs: list[np.ndarray] = [np.empty(0, dtype=dtype)] * k
+    try:
+        while True:
+            for i, (first, n) in enumerate(chunks):
+                if bufs[i].shape[0] == 0 and pos[i] < n:
+                    take = min(block, n - pos[i])
+                    spill.seek((first + pos[i]) * item)
+                    bufs[i] = np.fromfile(spill, dtype=dtype, count=take)
+                    pos[i] += take
+            live = [i for i in range(k) if bufs[i].shape[0]]
+            if not live:
+                break
+            limits = [_key(bufs[i][-1:], file_field, host_field)[0] for i in live
+                      if pos[i] < chunks[i][1]]
+            merged = np.concatenate([bufs[i] for i in live])
+            keys = _key(merged, file_field, host_field)
+            if limits:
+                bound = min(limits)
+                out_mask = keys <= bound
+                keep_from = {}
+                off = 0
+                for i in live:
+                    n = bufs[i].shape[0]
+                    bk = keys[off:off + n]
+                    keep_from[i] = int(np.searchsorted(bk, bound, side="right"))
+                    off += n
+                for i in live:
+                    bufs[i] = bufs[i][keep_from[i]:]
+                out = merged[out_mask]
+                okeys = keys[out_mask]
+            else:
+                for i in live:
+                    bufs[i] = np.empty(0, dtype=dtype)
+                out, okeys = merged, keys
+            if out.shape[0]:
+                st.windows += 1
+                yield out[np.argsort(okeys, kind="stable")]
+    finally:
+        spill.close()
+
+
+def _sorted_rescan(scan: Callable[[], Iterable[np.ndarray]], file_sizes: list[int], *,
+                   memory: int = DEFAULT_MEMORY, stats: PlanStats | None = None,
+                   file_field: str = "file", host_field: str = "host",
+                   length_field: str = "length") -> Iterator[np.ndarray]:
+    """The rescan strategy of :func:`sorted_runs`: histogram, then one scan per host window."""
     st = stats if stats is not None else PlanStats()
     cap = max(1, memory // BYTES_PER_RUN)
     nfiles = len(file_sizes)
