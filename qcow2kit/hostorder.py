@@ -314,6 +314,11 @@ def coalesce(runs: np.ndarray, *, max_request: int = DEFAULT_MAX_REQUEST,
 class HostOrderPlan:
     """The host-ordered reads of an image, produced window by window.
 
+    ``strategy`` chooses how the global sort stays within ``memory``: "merge"
+    (one L2 scan, sorted chunks spilled to a temporary file and merged) or
+    "rescan" (a histogram scan, then one scan per host window; no temporary
+    space).  See :func:`sorted_runs`.
+
     Iterating yields ``(requests, runs)`` pairs: REQUEST_DTYPE rows whose
     ``first_run``/``nruns`` index into the RUN_DTYPE ``runs`` of the same
     window.  ``files`` names the file of each ``file`` index.
@@ -321,8 +326,11 @@ class HostOrderPlan:
 
     def __init__(self, img: Image, start: int = 0, length: int | None = None, *,
                  memory: int = DEFAULT_MEMORY, max_request: int = DEFAULT_MAX_REQUEST,
-                 read_gap: int = 0) -> None:
+                 read_gap: int = 0, strategy: str = "merge") -> None:
+        if strategy not in ("merge", "rescan"):
+            raise ValueError(f"strategy must be 'merge' or 'rescan', not {strategy!r}")
         self.img = img
+        self.strategy = strategy
         self.start = start
         self.length = length
         self.memory = memory
@@ -342,7 +350,8 @@ class HostOrderPlan:
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         sizes = [_data_size(layer) for layer in self.layers]
         self.stats = PlanStats()  # figures of the latest iteration
-        for runs in sorted_runs(self._scan, sizes, memory=self.memory // 2, stats=self.stats):
+        for runs in sorted_runs(self._scan, sizes, memory=self.memory // 2, stats=self.stats,
+                                strategy=self.strategy):
             runs = _fix_compressed(self.layers, runs)
             yield coalesce(runs, max_request=self.max_request, read_gap=self.read_gap), runs
 
@@ -487,8 +496,8 @@ def guest_order_requests(img: Image, start: int = 0, length: int | None = None, 
 
 
 def map_host_order(img: Image, start: int = 0, length: int | None = None, *,
-                   memory: int = DEFAULT_MEMORY, include_all: bool = False
-                   ) -> Iterator[np.ndarray]:
+                   memory: int = DEFAULT_MEMORY, include_all: bool = False,
+                   strategy: str = "merge") -> Iterator[np.ndarray]:
     """The extents of :func:`qcow2kit.mapping.map_batches` sorted by (file, host offset).
 
     Extents with a host offset come first, ordered by chain depth (their
@@ -508,7 +517,7 @@ def map_host_order(img: Image, start: int = 0, length: int | None = None, *,
             yield b[((f & np.uint8(FLAG_DATA)) != 0) & ((f & np.uint8(FLAG_OFFSET)) != 0)]
 
     yield from sorted_runs(located, sizes, memory=memory // 2, file_field="depth",
-                           host_field="offset")
+                           host_field="offset", strategy=strategy)
     for b in map_batches(img, start, length, memory=scan_memory):
         f = b["flags"]
         data = (f & np.uint8(FLAG_DATA)) != 0
