@@ -766,6 +766,53 @@ class Image:
         return CorruptImageError(f"{self.filename}: {what} (L1 index {l1_index}, L2 index "
                                  f"{l2_index})", field=fld, offset=entry, path=self.filename)
 
+    def check_units(self, l1_index: int, c0: int, entries: np.ndarray, units: T.L2Units) -> None:
+        """Refuse L2 entries QEMU refuses (``qcow2_get_host_offset`` and friends).
+
+        ``entries`` are the entry words of clusters ``c0..`` of the L2 table
+        under ``l1_index`` and ``units`` their classification.  Raises
+        :class:`CorruptImageError` naming the first bad entry.
+        """
+        geo = self.geometry
+        upc = geo.units_per_cluster
+        n = entries.shape[0]
+        base = l1_index << (self.cluster_bits + geo.l2_bits)
+
+        def fail(ci: int, fld: str, what: str) -> None:
+            g = base + ((c0 + ci) << self.cluster_bits)
+            raise self._l2_error(l1_index, g, fld, what)
+
+        invalid = units.kind == T.INVALID
+        if invalid.any():
+            ci = int(np.flatnonzero(invalid)[0]) // upc
+            fail(ci, "l2 bitmap", f"invalid subcluster state at guest offset "
+                                  f"{base + ((c0 + ci) << self.cluster_bits):#x}")
+        comp = (entries & np.uint64(spec.OFLAG_COMPRESSED)) != 0
+        if self.header.has_data_file and comp.any():
+            fail(int(np.flatnonzero(comp)[0]), "l2 entry",
+                 "compressed cluster in an image with an external data file")
+        if self.header.version < 3 and not geo.extended:
+            zero = ((entries & np.uint64(spec.OFLAG_ZERO)) != 0) & ~comp
+            if zero.any():
+                fail(int(np.flatnonzero(zero)[0]), "l2 entry",
+                     "zero cluster entry in a version 2 image")
+        valid = units.offset_valid.reshape(n, upc).any(axis=1) if upc > 1 else units.offset_valid
+        if valid.any():
+            coff = entries & np.uint64(spec.L2E_OFFSET_MASK)
+            bad = valid & ((coff & np.uint64(self.cluster_size - 1)) != 0)
+            if bad.any():
+                ci = int(np.flatnonzero(bad)[0])
+                fail(ci, "l2 entry", f"cluster offset {int(coff[ci]):#x} is not aligned to "
+                                     f"the cluster size")
+            if self.header.has_data_file:
+                guest = (np.arange(c0, c0 + n, dtype=np.uint64) << np.uint64(self.cluster_bits)
+                         ) + np.uint64(base)
+                bad = valid & (coff != guest)
+                if bad.any():
+                    ci = int(np.flatnonzero(bad)[0])
+                    fail(ci, "l2 entry", f"external data file offset {int(coff[ci]):#x} does "
+                                         f"not match the guest offset {int(guest[ci]):#x}")
+
     def segments(self, offset: int, length: int) -> Iterator[Segment]:
         """Resolve the guest range to runs of one kind in this image alone (no backing).
 
@@ -792,6 +839,7 @@ class Image:
             c0 = (pos - l2_base) >> cb
             c1 = ((span_end - 1 - l2_base) >> cb) + 1
             units = T.classify(entries[c0:c1], None if bitmaps is None else bitmaps[c0:c1], geo)
+            self.check_units(l1_index, c0, entries[c0:c1], units)
             base = l2_base + (c0 << cb)
             bounds = T.run_boundaries(units.kind, units.host, unit, geo.units_per_cluster)
             ends = np.append(bounds[1:], units.kind.shape[0])
@@ -804,11 +852,7 @@ class Image:
                     continue
                 kind = int(units.kind[a])
                 if kind == T.DATA:
-                    host = int(units.host[a])
-                    if host % unit:
-                        raise self._l2_error(l1_index, g0, "l2 entry",
-                                             f"data cluster offset {host:#x} is not aligned")
-                    yield Segment(s, e - s, kind, host + (s - g0))
+                    yield Segment(s, e - s, kind, int(units.host[a]) + (s - g0))
                 elif kind == T.COMPRESSED:
                     coffset = int(units.host[a])
                     if coffset >= self.src.size:
@@ -817,9 +861,6 @@ class Image:
                                              f"the end of the file ({self.src.size} bytes)")
                     cstart = (g0 >> cb) << cb
                     yield Segment(s, e - s, kind, coffset, int(units.csize[a]), s - cstart)
-                elif kind == T.INVALID:
-                    raise self._l2_error(l1_index, g0, "l2 bitmap",
-                                         f"invalid subcluster state at guest offset {g0:#x}")
                 else:
                     yield Segment(s, e - s, kind)
             pos = span_end

@@ -165,12 +165,15 @@ def _file_data_regions(path_or_fd: int, size: int) -> tuple[np.ndarray, np.ndarr
     return np.asarray(starts, dtype=np.uint64), np.asarray(ends, dtype=np.uint64)
 
 
-def _split_by_holes(ext: np.ndarray, mask: np.ndarray, ds: np.ndarray, de: np.ndarray
-                    ) -> np.ndarray:
+def _split_by_holes(ext: np.ndarray, mask: np.ndarray, ds: np.ndarray, de: np.ndarray,
+                    *, hole_clears_data: bool = False) -> np.ndarray:
     """Split the extents selected by ``mask`` at file data/hole boundaries; holes get FLAG_ZERO.
 
     Offsets are host offsets into the file whose data regions are [ds, de).
     Past the end of the file counts as a hole (QEMU: EOF reads as zero).
+    A qcow2 layer keeps FLAG_DATA on a hole (QEMU adds the file's ZERO to the
+    qcow2 status); a raw layer's status is the file's own, so with
+    ``hole_clears_data`` a hole loses FLAG_DATA.
     """
     if not mask.any():
         return ext
@@ -207,7 +210,10 @@ def _split_by_holes(ext: np.ndarray, mask: np.ndarray, ds: np.ndarray, de: np.nd
     src["start"] = src["start"] + (pstart - src["offset"])
     src["length"] = pend - pstart
     src["offset"] = pstart
-    src["flags"] = np.where(in_data, src["flags"], src["flags"] | np.uint8(FLAG_ZERO))
+    hole_flags = src["flags"] | np.uint8(FLAG_ZERO)
+    if hole_clears_data:
+        hole_flags &= np.uint8(~FLAG_DATA & 0xFF)
+    src["flags"] = np.where(in_data, src["flags"], hole_flags)
     # Reassemble in guest order: untouched extents plus the pieces.
     keep = ext[~mask]
     out = np.concatenate((keep, src))
@@ -226,8 +232,6 @@ class _Layer:
     backing: "_Layer | None"
     prealloc: bool = False
     regions: tuple[np.ndarray, np.ndarray] | None = None
-    #: the last L2 table read, for windows smaller than one table's span
-    last_table: tuple[int, np.ndarray, np.ndarray | None] | None = None
 
     def file_regions(self) -> tuple[np.ndarray, np.ndarray]:
         if self.regions is None:
@@ -348,6 +352,47 @@ def _read_l2_batch(img: Image, l1_lo: int, l1_hi: int) -> list[tuple[int, np.nda
     return out
 
 
+def _read_l2_slice(img: Image, l1_index: int, first: int, stop: int
+                   ) -> list[tuple[int, np.ndarray, np.ndarray | None]]:
+    """Entries [first, stop) of one L2 table, as a full-length table view padded with zeros.
+
+    Only the bytes of those entries are read, so a window smaller than a
+    table's span costs memory for its own entries alone.  Returned in the
+    shape of :func:`_read_l2_batch` (entries outside the slice read as 0 and
+    are never looked at by the caller).
+    """
+    l1 = img.l1_table
+    if l1_index >= l1.shape[0]:
+        return []
+    l2_off = int(l1[l1_index]) & spec.L1E_OFFSET_MASK
+    if l2_off == 0:
+        return []
+    geo = img.geometry
+    if l2_off % img.cluster_size:
+        raise CorruptImageError(f"{img.filename}: L2 table offset {l2_off:#x} is not cluster "
+                                f"aligned (L1 index {l1_index})", field="l1_table_offset",
+                                offset=img.header.l1_table_offset + 8 * l1_index,
+                                path=img.filename)
+    es = geo.entry_size
+    try:
+        raw = img.src.read_at(l2_off + first * es, (stop - first) * es, field="L2 table")
+    except CorruptImageError as exc:
+        raise CorruptImageError(f"{img.filename}: L2 table at {l2_off:#x} (L1 index {l1_index}) "
+                                f"lies beyond the end of the file", field="l1_table_offset",
+                                offset=img.header.l1_table_offset + 8 * l1_index,
+                                path=img.filename) from exc
+    words = T.decode_u64_table(raw)
+    n = geo.l2_entries
+    entries = np.zeros(n, np.uint64)
+    if geo.extended:
+        entries[first:stop] = words[0::2]
+        bitmaps = np.zeros(n, np.uint64)
+        bitmaps[first:stop] = words[1::2]
+        return [(l1_index, entries, bitmaps)]
+    entries[first:stop] = words
+    return [(l1_index, entries, None)]
+
+
 def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
     """Runs of uniform status of one layer over [w0, w1) (w1 <= its size), before merging.
 
@@ -362,7 +407,7 @@ def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
                      np.array([w0], np.uint64), np.array([FLAG_PRESENT | FLAG_DATA | FLAG_OFFSET],
                                                          np.uint8),
                      np.array([T.DATA], np.uint8), np.array([depth], np.uint16))
-        return _split_by_holes(base, np.ones(1, bool), ds, de)
+        return _split_by_holes(base, np.ones(1, bool), ds, de, hole_clears_data=True)
 
     geo = img.geometry
     cb = img.cluster_bits
@@ -370,13 +415,12 @@ def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
     unit_bits = geo.unit_bits
     l1_lo = w0 >> span_bits
     l1_hi = ((w1 - 1) >> span_bits) + 1
-    last = layer.last_table
-    if last is not None and l1_hi - l1_lo == 1 and last[0] == l1_lo:
-        tables = [last]
+    if l1_hi - l1_lo == 1 and (w1 - w0) < (1 << span_bits):
+        # A window inside one table's span: read only the entries it needs.
+        tables = _read_l2_slice(img, l1_lo, (w0 >> cb) & (geo.l2_entries - 1),
+                                ((w1 - 1) >> cb & (geo.l2_entries - 1)) + 1)
     else:
         tables = _read_l2_batch(img, l1_lo, l1_hi)
-        if tables:
-            layer.last_table = tables[-1]
     crypto = img.encrypted
     pieces: list[np.ndarray] = []
     pos = w0
@@ -392,12 +436,8 @@ def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
         c0 = (t0 - base) >> cb
         c1 = ((t1 - 1 - base) >> cb) + 1
         u = T.classify(entries[c0:c1], None if bitmaps is None else bitmaps[c0:c1], geo)
+        img.check_units(l1_index, c0, entries[c0:c1], u)
         kind = u.kind
-        if (kind == T.INVALID).any():
-            first = int(np.flatnonzero(kind == T.INVALID)[0])
-            g = base + (c0 << cb) + (first << unit_bits)
-            raise img._l2_error(l1_index, g, "l2 bitmap",
-                                f"invalid subcluster state at guest offset {g:#x}")
         flags = np.zeros(kind.shape, np.uint8)
         flags[kind == T.DATA] = FLAG_PRESENT | FLAG_DATA
         flags[kind == T.COMPRESSED] = FLAG_PRESENT | FLAG_DATA | FLAG_COMPRESSED
@@ -406,12 +446,6 @@ def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
         if not crypto:
             flags[u.offset_valid] |= FLAG_OFFSET
         host = u.host
-        bad = (kind == T.DATA) & (host & np.uint64((1 << unit_bits) - 1) != 0)
-        if bad.any():
-            first = int(np.flatnonzero(bad)[0])
-            g = base + (c0 << cb) + (first << unit_bits)
-            raise img._l2_error(l1_index, g, "l2 entry",
-                                f"data cluster offset {int(host[first]):#x} is not aligned")
         n = kind.shape[0]
         step = np.uint64(1 << unit_bits)
         # Run boundaries: flags change, or an offset-carrying unit does not continue its neighbour.
@@ -432,6 +466,9 @@ def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
         # Clip the first and last run to the window.
         s = np.maximum(ustart, np.uint64(t0))
         e = np.minimum(uend, np.uint64(t1))
+        inside = e > s   # runs of the first/last cluster's units may lie outside the window
+        if not inside.all():
+            heads, ustart, s, e = heads[inside], ustart[inside], s[inside], e[inside]
         off = np.where(kind[heads] == T.COMPRESSED, host[heads], host[heads] + (s - ustart))
         pieces.append(_runs(s, e - s, off, flags[heads], kind[heads],
                             np.full(heads.shape[0], depth, np.uint16)))
@@ -548,8 +585,8 @@ def resolved_batches(img: Image, start: int = 0, length: int | None = None, *,
     window = int(units / _units_per_byte(layers))
     if window >= span:
         window = window // span * span
-    else:
-        window = max(img.cluster_size, window // img.cluster_size * img.cluster_size)
+    else:  # a power of two, so windows never straddle two L2 tables
+        window = max(img.cluster_size, 1 << (max(window, 1).bit_length() - 1))
     pos = start
     while pos < end:
         w1 = min(end, (pos // window + 1) * window)
