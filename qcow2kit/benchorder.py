@@ -159,7 +159,8 @@ def bench_order(img: Image, *, model: DiskModel | None = None, memory: int = DEF
         "model": model.as_dict(),
         "cache": cache_state,
         "files": [_file_name(layer) for layer in layers],
-        "planning": {"passes": plan.stats.passes, "windows": plan.stats.windows},
+        "planning": {"passes": plan.stats.passes, "windows": plan.stats.windows,
+                     "source": plan.source, "reason": plan.source_reason},
     }
     if plot_points:
         out["_samples"] = {k: v.sample for k, v in results.items()}

@@ -327,7 +327,7 @@ class DiskModel:
             raise DiskModelError(
                 f"unknown disk-model parameter{'s' if len(unknown) > 1 else ''} "
                 f"{', '.join(map(repr, unknown))}; known: {', '.join(names)}")
-        values = {k: _coerce(k, v) for k, v in overrides.items()}
+        values: dict[str, Any] = {k: _coerce(k, v) for k, v in overrides.items()}
         return cls(**values)
 
     @classmethod
@@ -359,7 +359,7 @@ def _coerce(name: str, value: Any) -> int | float:
             raise DiskModelError(f"{name}: {value!r} is not a number") from None
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise DiskModelError(f"{name} must be a number, got {value!r}")
-    return value
+    return value.item() if isinstance(value, (np.integer, np.floating)) else value
 
 
 def parse_overrides(spec: str | None) -> dict[str, int | float]:

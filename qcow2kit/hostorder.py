@@ -314,6 +314,10 @@ def coalesce(runs: np.ndarray, *, max_request: int = DEFAULT_MAX_REQUEST,
 class HostOrderPlan:
     """The host-ordered reads of an image, produced window by window.
 
+    With ``use_rmap`` (the default) a valid reverse map (:mod:`qcow2kit.rmap`)
+    replaces the L2 scan and the sort: its records are already in host order.
+    ``source`` says which was used ("rmap" or "l2") and ``source_reason`` why.
+
     ``strategy`` chooses how the global sort stays within ``memory``: "merge"
     (one L2 scan, sorted chunks spilled to a temporary file and merged) or
     "rescan" (a histogram scan, then one scan per host window; no temporary
@@ -326,7 +330,7 @@ class HostOrderPlan:
 
     def __init__(self, img: Image, start: int = 0, length: int | None = None, *,
                  memory: int = DEFAULT_MEMORY, max_request: int = DEFAULT_MAX_REQUEST,
-                 read_gap: int = 0, strategy: str = "merge") -> None:
+                 read_gap: int = 0, strategy: str = "merge", use_rmap: bool = True) -> None:
         if strategy not in ("merge", "rescan"):
             raise ValueError(f"strategy must be 'merge' or 'rescan', not {strategy!r}")
         self.img = img
@@ -341,6 +345,70 @@ class HostOrderPlan:
         self.stats = PlanStats()
         # Half the budget for the L2 scan, half for the runs being sorted.
         self._scan_memory = max(64 * 1024, memory // 2)
+        self.use_rmap = use_rmap
+        self.source, self.source_reason = self._choose_source()
+
+    def _choose_source(self) -> tuple[str, str]:
+        """Plan from a valid reverse map when one covers everything, else from the L2 tables."""
+        if not self.use_rmap:
+            return "l2", "reverse map not requested"
+        from . import rmap
+        info = rmap.status(self.img)
+        if not info.present:
+            return "l2", "no reverse map"
+        if not info.valid:
+            return "l2", f"reverse map not used: {info.reason}"
+        if self.img.header.backing_file:
+            return "l2", "reverse map not used: it covers this image only, and it has a backing file"
+        if self.start != 0 or (self.length is not None and self.length < self.img.size):
+            return "l2", "reverse map not used: only part of the disk was asked for"
+        self._rmap_info = info
+        return "rmap", "valid reverse map"
+
+    def _rmap_runs(self) -> Iterator[np.ndarray]:
+        """Host-sorted RUN_DTYPE batches straight from the reverse map (one sequential read)."""
+        from . import rmap
+        img = self.img
+        info = self._rmap_info
+        unit_bits = info.unit_bits
+        comp = rmap.compressed_records(img, info)
+        ci = 0
+        for host_u, guest_u, count in rmap.records(img, info):
+            host = host_u << np.uint64(unit_bits)
+            guest = guest_u << np.uint64(unit_bits)
+            length = count << np.uint64(unit_bits)
+            over = guest + length > np.uint64(img.size)
+            if over.any():
+                length = np.where(over, np.uint64(img.size) - guest, length)
+            limit = host[-1] + length[-1]
+            cj = ci + int(np.searchsorted(comp["host"][ci:], limit, side="left"))
+            out = np.empty(host.shape[0] + (cj - ci), dtype=RUN_DTYPE)
+            n = host.shape[0]
+            out["file"][:n] = 0
+            out["host"][:n] = host
+            out["length"][:n] = length
+            out["guest"][:n] = guest
+            out["rlen"][:n] = length
+            out["compressed"][:n] = 0
+            self._fill_compressed(out[n:], comp[ci:cj])
+            had_compressed = cj > ci
+            ci = cj
+            # Data records are in host order already; compressed ones are merged in.
+            yield out[np.argsort(out["host"], kind="stable")] if had_compressed else out
+        if ci < comp.shape[0]:
+            rest = np.empty(comp.shape[0] - ci, dtype=RUN_DTYPE)
+            self._fill_compressed(rest, comp[ci:])
+            yield rest
+
+    def _fill_compressed(self, out: np.ndarray, comp: np.ndarray) -> None:
+        cs = self.img.cluster_size
+        out["file"] = 0
+        out["host"] = comp["host"]
+        out["guest"] = comp["guest"] << np.uint64(self.img.cluster_bits)
+        out["length"] = np.minimum(np.uint64(cs),
+                                   np.uint64(self.img.size) - out["guest"])
+        out["rlen"] = comp["clen"]
+        out["compressed"] = 1
 
     def _scan(self) -> Iterator[np.ndarray]:
         for runs in resolved_batches(self.img, self.start, self.length,
@@ -350,6 +418,13 @@ class HostOrderPlan:
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         sizes = [_data_size(layer) for layer in self.layers]
         self.stats = PlanStats()  # figures of the latest iteration
+        if self.source == "rmap":
+            for runs in self._rmap_runs():
+                self.stats.runs += runs.shape[0]
+                self.stats.data_bytes += int(runs["length"].sum())
+                self.stats.windows += 1
+                yield coalesce(runs, max_request=self.max_request, read_gap=self.read_gap), runs
+            return
         for runs in sorted_runs(self._scan, sizes, memory=self.memory // 2, stats=self.stats,
                                 strategy=self.strategy):
             runs = _fix_compressed(self.layers, runs)

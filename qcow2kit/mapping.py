@@ -330,7 +330,7 @@ def _read_l2_batch(img: Image, l1_lo: int, l1_hi: int) -> list[tuple[int, np.nda
     brk = np.flatnonzero((np.diff(o) != cs) | (np.diff(idx) != 1)) + 1
     starts = np.concatenate(([0], brk))
     stops = np.concatenate((brk, [o.shape[0]]))
-    out = []
+    out: list[tuple[int, np.ndarray, np.ndarray | None]] = []
     for a, b in zip(starts.tolist(), stops.tolist()):
         first = int(o[a])
         try:
@@ -403,11 +403,11 @@ def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
     if isinstance(img, RawImage):
         # The raw driver passes block status to the file: data regions and holes.
         ds, de = layer.file_regions()
-        base = _runs(np.array([w0], np.uint64), np.array([w1 - w0], np.uint64),
-                     np.array([w0], np.uint64), np.array([FLAG_PRESENT | FLAG_DATA | FLAG_OFFSET],
-                                                         np.uint8),
-                     np.array([T.DATA], np.uint8), np.array([depth], np.uint16))
-        return _split_by_holes(base, np.ones(1, bool), ds, de, hole_clears_data=True)
+        whole = _runs(np.array([w0], np.uint64), np.array([w1 - w0], np.uint64),
+                      np.array([w0], np.uint64), np.array([FLAG_PRESENT | FLAG_DATA | FLAG_OFFSET],
+                                                          np.uint8),
+                      np.array([T.DATA], np.uint8), np.array([depth], np.uint16))
+        return _split_by_holes(whole, np.ones(1, bool), ds, de, hole_clears_data=True)
 
     geo = img.geometry
     cb = img.cluster_bits

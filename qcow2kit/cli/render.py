@@ -1119,7 +1119,36 @@ def render_bench_order_human(r: Mapping[str, Any]) -> str:
     m = r["model"]
     lines.append("model: " + ", ".join(f"{k}={v}" for k, v in m.items()))
     p = r.get("planning")
-    if p:
+    if p and p.get("source") == "rmap":
+        lines.append("host-order planning: from the reverse map (no L2 scan)")
+    elif p:
         lines.append(f"host-order planning: {p['passes']} pass(es) over the L2 tables, "
-                     f"{p['windows']} window(s)")
+                     f"{p['windows']} window(s) ({p.get('reason', '')})")
+    return "\n".join(lines) + "\n"
+
+
+def render_rmap_human(r: Mapping[str, Any]) -> str:
+    """The human form of ``qcow2kit rmap``."""
+    lines = []
+    if r["action"] == "drop":
+        lines.append("reverse map removed" if r["dropped"] else "no reverse map to remove")
+        return "\n".join(lines) + "\n"
+    m = r["rmap"]
+    if not m["present"]:
+        lines.append(f"reverse map: {m['reason']}")
+    else:
+        state = "valid" if m["valid"] else m["reason"]
+        lines.append(f"reverse map: {state}")
+        lines.append(f"  version {m['version']}, {m['size']} bytes at {m['offset']:#x}")
+        lines.append(f"  {m['data-records']} data records, {m['compressed-records']} "
+                     f"compressed records")
+        if m.get("clusters") is not None:
+            lines.append(f"  {m['clusters']} data clusters mapped ({m['units']} units of "
+                         f"{m['unit-size']} bytes)")
+    if r["action"] == "verify":
+        if r["matches"]:
+            lines.append("verify: the map matches the L2 tables")
+        else:
+            lines.append("verify: the map does NOT match the L2 tables:")
+            lines.extend(f"  {d}" for d in r["differences"])
     return "\n".join(lines) + "\n"

@@ -1,0 +1,522 @@
+"""The persistent reverse map (host cluster -> guest cluster), see docs/rmap-extension.md.
+
+:func:`build` computes the map from the L2 tables (through the host-order
+planner, so in bounded memory), appends it past the last refcounted cluster
+and publishes it with the ordered, locked writes of :mod:`qcow2kit.writer`;
+:func:`status` decodes and validates it; :func:`records` streams its records;
+:func:`verify` compares it with the L2 tables; :func:`drop` removes it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import spec
+from .errors import Qcow2Error, UnsupportedFeatureError
+from .image import Image
+from .writer import ImageWriter
+
+EXT_RMAP = 0x524D4150
+RMAP_VERSION = 1
+AUTOCLEAR_RMAP = 1 << 32
+EXT_LENGTH = 48
+DATA_MAGIC = b"QKRMAP\0\1"
+DATA_HEADER = 32
+FLAG_DATA_FILE = 1
+_EXT = struct.Struct(">IIQQQQII")
+_DATA_HDR = struct.Struct("<8sBBBBBBBBQQ")
+COMP_DTYPE = np.dtype([("host", "<u8"), ("guest", "<u8"), ("clen", "<u4")])
+CHUNK_RECORDS = 1 << 16
+
+
+@dataclass
+class RmapInfo:
+    """What an image says about its reverse map."""
+
+    present: bool = False
+    valid: bool = False
+    reason: str = "no reverse map"
+    ext_offset: int | None = None
+    version: int = 0
+    flags: int = 0
+    offset: int = 0
+    length: int = 0
+    nb_records: int = 0
+    l1_table_offset: int = 0
+    l1_crc32: int = 0
+    data_crc32: int = 0
+    cluster_bits: int = 0
+    unit_bits: int = 0
+    widths: tuple[int, int, int] = (0, 0, 0)
+    nb_data_records: int = 0
+    nb_compressed_records: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"present": self.present, "valid": self.valid, "reason": self.reason,
+                "version": self.version, "offset": self.offset, "size": self.length,
+                "data-records": self.nb_data_records,
+                "compressed-records": self.nb_compressed_records,
+                "clusters": self.extra.get("clusters"), "units": self.extra.get("units"),
+                "unit-size": (1 << self.unit_bits) if self.unit_bits else None}
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _width(v: int) -> int:
+    return max(1, (max(v, 0).bit_length() + 7) // 8)
+
+
+def _encode(cols: tuple[np.ndarray, ...], widths: tuple[int, ...]) -> bytes:
+    """Fixed-width little-endian fields, row after row."""
+    n = cols[0].shape[0]
+    total = sum(widths)
+    out = np.empty((n, total), dtype=np.uint8)
+    pos = 0
+    for col, w in zip(cols, widths):
+        le = col.astype("<u8").view(np.uint8).reshape(n, 8)
+        out[:, pos:pos + w] = le[:, :w]
+        pos += w
+    return out.tobytes()
+
+
+def _decode(raw: bytes, widths: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    total = sum(widths)
+    n = len(raw) // total
+    a = np.frombuffer(raw, dtype=np.uint8, count=n * total).reshape(n, total)
+    cols = []
+    pos = 0
+    for w in widths:
+        wide = np.zeros((n, 8), dtype=np.uint8)
+        wide[:, :w] = a[:, pos:pos + w]
+        cols.append(wide.view("<u8").reshape(n).astype(np.uint64))
+        pos += w
+    return tuple(cols)
+
+
+# --------------------------------------------------------------------------- computing
+
+
+@dataclass
+class _Computed:
+    unit_bits: int
+    spill: Any                 # temp file: rows of (host_unit, guest_unit, count) u8 x3
+    nb_data: int
+    comp: np.ndarray           # compressed records (small)
+    max_gap: int
+    max_guest: int
+    max_count: int
+    units: int
+
+
+def _compute(img: Image, memory: int) -> _Computed:
+    """Sorted data-run records and compressed records of the top layer, spilled to a temp file."""
+    from .hostorder import HostOrderPlan
+
+    geo = img.geometry
+    unit_bits = geo.unit_bits
+    unit = 1 << unit_bits
+    plan = HostOrderPlan(img, memory=memory, max_request=1 << 62)
+    spill = tempfile.TemporaryFile(prefix="qcow2kit-rmap-")
+    comp_parts: list[np.ndarray] = []
+    # The last record is held back: the next batch may continue it.
+    pend: np.ndarray | None = None         # [host_unit, guest_unit, count]
+    prev_end = 0                           # host end (units) of the last written record
+    nb = 0
+    max_gap = max_guest = max_count = 0
+    units = 0
+
+    for _, runs in plan:
+        runs = runs[runs["file"] == 0]
+        comp = runs[runs["compressed"] != 0]
+        if comp.shape[0]:
+            cr = np.empty(comp.shape[0], COMP_DTYPE)
+            cr["host"] = comp["host"]
+            cr["guest"] = comp["guest"] >> np.uint64(img.cluster_bits)
+            cr["clen"] = comp["rlen"]
+            comp_parts.append(cr)
+        data = runs[runs["compressed"] == 0]
+        if data.shape[0] == 0:
+            continue
+        h = (data["host"] >> np.uint64(unit_bits)).astype(np.int64)
+        g = (data["guest"] >> np.uint64(unit_bits)).astype(np.int64)
+        cnt = ((data["length"].astype(np.int64) + unit - 1) >> unit_bits)
+        if pend is not None:
+            h = np.concatenate(([pend[0]], h))
+            g = np.concatenate(([pend[1]], g))
+            cnt = np.concatenate(([pend[2]], cnt))
+        # Join runs that continue each other on the host and in the guest.
+        brk = np.ones(h.shape[0], dtype=bool)
+        brk[1:] = (h[1:] != h[:-1] + cnt[:-1]) | (g[1:] != g[:-1] + cnt[:-1])
+        heads = np.flatnonzero(brk)
+        rh, rg, rc = h[heads], g[heads], np.add.reduceat(cnt, heads)
+        pend = np.array([rh[-1], rg[-1], rc[-1]], dtype=np.int64)
+        rh, rg, rc = rh[:-1], rg[:-1], rc[:-1]
+        if rh.shape[0]:
+            ends = rh + rc
+            gap = rh - np.concatenate(([prev_end], ends[:-1]))
+            np.stack((gap, rg, rc), axis=1).astype("<u8").tofile(spill)
+            prev_end = int(ends[-1])
+            max_gap = max(max_gap, int(gap.max()))
+            max_guest = max(max_guest, int(rg.max()))
+            max_count = max(max_count, int(rc.max()))
+            units += int(rc.sum())
+            nb += rh.shape[0]
+    if pend is not None:
+        gap = int(pend[0]) - prev_end
+        np.array([[gap, pend[1], pend[2]]], dtype="<u8").tofile(spill)
+        max_gap = max(max_gap, gap)
+        max_guest = max(max_guest, int(pend[1]))
+        max_count = max(max_count, int(pend[2]))
+        units += int(pend[2])
+        nb += 1
+    comp_all = np.concatenate(comp_parts) if comp_parts else np.empty(0, COMP_DTYPE)
+    return _Computed(unit_bits, spill, nb, comp_all, max_gap, max_guest, max_count, units)
+
+
+def _spilled_rows(c: _Computed) -> Iterator[np.ndarray]:
+    c.spill.seek(0)
+    left = c.nb_data
+    while left:
+        take = min(CHUNK_RECORDS, left)
+        a = np.fromfile(c.spill, dtype="<u8", count=take * 3).reshape(take, 3)
+        left -= take
+        yield a
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_ext(img: Image) -> tuple[int | None, bytes | None]:
+    for ext in img.header.extensions:
+        if ext.type == EXT_RMAP:
+            return ext.offset, ext.data
+    return None, None
+
+
+def status(img: Image) -> RmapInfo:
+    """Decode the reverse map's extension and data header, and say whether it may be used."""
+    info = RmapInfo()
+    h = img.header
+    ext_off, data = _read_ext(img)
+    bit = bool(h.autoclear_features & AUTOCLEAR_RMAP)
+    if data is None:
+        info.reason = "no reverse map" + (" (the valid bit is set without one)" if bit else "")
+        return info
+    info.present = True
+    info.ext_offset = ext_off
+    if len(data) != EXT_LENGTH:
+        info.reason = f"reverse-map extension has length {len(data)}, expected {EXT_LENGTH}"
+        return info
+    (info.version, info.flags, info.offset, info.length, info.nb_records, info.l1_table_offset,
+     info.l1_crc32, info.data_crc32) = _EXT.unpack(data)
+    if info.version != RMAP_VERSION:
+        info.reason = f"unknown reverse-map version {info.version}"
+        return info
+    if not bit:
+        info.reason = ("stale: the valid bit is clear (the image was opened read-write by a "
+                       "program that does not know the map, e.g. QEMU)")
+        return info
+    if info.length < DATA_HEADER or info.offset + info.length > img.src.size or \
+            info.offset % img.cluster_size:
+        info.reason = "reverse-map data lies outside the file"
+        return info
+    hdr = _DATA_HDR.unpack(img.src.read_at(info.offset, DATA_HEADER, field="rmap data"))
+    magic, cb, ub, hw, gw, cw = hdr[:6]
+    info.cluster_bits, info.unit_bits, info.widths = cb, ub, (hw, gw, cw)
+    info.nb_data_records, info.nb_compressed_records = hdr[-2], hdr[-1]
+    if magic != DATA_MAGIC or cb != img.cluster_bits or ub != img.geometry.unit_bits \
+            or not all(1 <= w <= 8 for w in (hw, gw, cw)):
+        info.reason = "reverse-map data header does not match the image"
+        return info
+    expect = DATA_HEADER + info.nb_data_records * (hw + gw + cw) + \
+        info.nb_compressed_records * COMP_DTYPE.itemsize
+    if expect != info.length:
+        info.reason = "reverse-map data length does not match its record counts"
+        return info
+    if h.l1_table_offset != info.l1_table_offset or _l1_crc(img) != info.l1_crc32:
+        info.reason = "stale: the active L1 table changed since the map was built"
+        return info
+    crc = 0
+    pos = info.offset
+    end = info.offset + info.length
+    while pos < end:
+        n = min(8 << 20, end - pos)
+        crc = zlib.crc32(img.src.read_at(pos, n, field="rmap data"), crc)
+        pos += n
+    if crc != info.data_crc32:
+        info.reason = "reverse-map data checksum mismatch"
+        return info
+    info.valid = True
+    info.reason = "valid"
+    return info
+
+
+def _l1_crc(img: Image) -> int:
+    n = img.header.l1_size * 8
+    return zlib.crc32(img.src.read_at(img.header.l1_table_offset, n, field="L1 table")) if n else 0
+
+
+def records(img: Image, info: RmapInfo) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Data-run records as (host_unit, guest_unit, count) uint64 arrays, chunk by chunk."""
+    hw, gw, cw = info.widths
+    rec = hw + gw + cw
+    pos = info.offset + DATA_HEADER
+    left = info.nb_data_records
+    prev_end = 0
+    while left:
+        take = min(CHUNK_RECORDS, left)
+        raw = img.src.read_at(pos, take * rec, field="rmap data")
+        gap, guest, count = _decode(raw, (hw, gw, cw))
+        ends = np.cumsum(gap + count) + np.uint64(prev_end)
+        host = ends - count
+        prev_end = int(ends[-1])
+        yield host, guest, count
+        pos += take * rec
+        left -= take
+
+
+def compressed_records(img: Image, info: RmapInfo) -> np.ndarray:
+    hw, gw, cw = info.widths
+    pos = info.offset + DATA_HEADER + info.nb_data_records * (hw + gw + cw)
+    raw = img.src.read_at(pos, info.nb_compressed_records * COMP_DTYPE.itemsize,
+                          field="rmap data")
+    return np.frombuffer(raw, dtype=COMP_DTYPE).copy()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _last_refcounted_end(img: Image) -> int:
+    """Byte offset just past the last cluster with a non-zero refcount."""
+    from . import tables as T
+
+    h = img.header
+    cs = img.cluster_size
+    per_block = cs * 8 // h.refcount_bits
+    table = T.decode_u64_table(img.src.read_at(h.refcount_table_offset,
+                                               h.refcount_table_clusters * cs,
+                                               field="refcount table"))
+    last = -1
+    for i in np.flatnonzero(table & np.uint64(spec.REFT_OFFSET_MASK)).tolist():
+        block = int(table[i]) & spec.REFT_OFFSET_MASK
+        counts = T.decode_refcount_block(img.src.read_at(block, cs, field="refcount block"),
+                                         h.refcount_order)
+        nz = np.flatnonzero(counts)
+        if nz.shape[0]:
+            last = max(last, i * per_block + int(nz[-1]))
+    return (last + 1) * cs
+
+
+def _check_buildable(img: Image) -> None:
+    if img.header.version < 3:
+        raise UnsupportedFeatureError(f"{img.filename}: a version 2 image has no autoclear "
+                                      f"bits, so it cannot carry a reverse map",
+                                      field="version", offset=4, path=img.filename)
+    if img.encrypted:
+        raise UnsupportedFeatureError(f"{img.filename}: encrypted images are not supported "
+                                      f"by the reverse map", field="crypt_method", offset=32,
+                                      path=img.filename)
+
+
+def build(path: str | os.PathLike[str], *, memory: int = 32 << 20) -> RmapInfo:
+    """Compute and persist the reverse map of ``path`` (replacing an existing one)."""
+    path = os.fspath(path)
+    with Image.open(path, follow_backing=False) as img:
+        _check_buildable(img)
+    if _has_ext(path):
+        drop(path)  # first, so old map data can never be mistaken for the new map
+    with ImageWriter(path) as w, Image.open(path, follow_backing=True) as img:
+        c = _compute(img, memory)
+        widths = (_width(c.max_gap), _width(c.max_guest), _width(c.max_count))
+        cs = img.cluster_size
+        where = max(-(-img.src.size // cs) * cs, _last_refcounted_end(img))
+        hdr = _DATA_HDR.pack(DATA_MAGIC, img.cluster_bits, c.unit_bits, *widths, 0, 0, 0,
+                             c.nb_data, c.comp.shape[0])
+        crc = zlib.crc32(hdr)
+        pos = where
+        w.pwrite(hdr, pos)
+        pos += len(hdr)
+        for rows in _spilled_rows(c):
+            enc = _encode((rows[:, 0], rows[:, 1], rows[:, 2]), widths)
+            w.pwrite(enc, pos)
+            crc = zlib.crc32(enc, crc)
+            pos += len(enc)
+        comp = c.comp.tobytes()
+        w.pwrite(comp, pos)
+        crc = zlib.crc32(comp, crc)
+        pos += len(comp)
+        c.spill.close()
+        length = pos - where
+        w.sync()
+        w.step()                                               # 1: data on disk
+        flags = FLAG_DATA_FILE if img.header.has_data_file else 0
+        ext = _EXT.pack(RMAP_VERSION, flags, where, length, c.nb_data + c.comp.shape[0],
+                        img.header.l1_table_offset, _l1_crc(img), crc)
+        _publish_extension(w, img, ext)                        # 2, 3: extension visible
+        auto = img.header.autoclear_features | AUTOCLEAR_RMAP
+        w.pwrite(struct.pack(">Q", auto), 88)
+        w.sync()
+        w.step()                                               # 4: valid bit set
+    with Image.open(path, follow_backing=False) as img:
+        info = status(img)
+        info.extra.update(clusters=_clusters(c.units, c.unit_bits, img.cluster_bits),
+                          units=c.units)
+        return info
+
+
+def _clusters(units: int, unit_bits: int, cluster_bits: int) -> int:
+    return units >> (cluster_bits - unit_bits)
+
+
+def _ext_layout(img: Image) -> tuple[int, int]:
+    """(offset of the end-of-extensions entry, end of the extension area incl. that entry)."""
+    off = img.header.header_length
+    for ext in img.header.extensions:
+        off = ext.offset + 8 + (len(ext.data) + 7) // 8 * 8
+    return off, off + 8
+
+
+def _publish_extension(w: ImageWriter, img: Image, ext: bytes) -> None:
+    """Steps 2 and 3 of docs/rmap-extension.md: move the backing name if needed, then
+    append the extension before the end entry with one aligned 8-byte flip."""
+    h = img.header
+    cs = img.cluster_size
+    end_entry, _ = _ext_layout(img)
+    if w.pread(end_entry, 8) != bytes(8):
+        raise Qcow2Error(f"{img.filename}: no end-of-extensions entry at {end_entry:#x}; "
+                         f"refusing to add an extension", field="header extension",
+                         offset=end_entry, path=img.filename)
+    new_end = end_entry + 8 + len(ext) + 8        # our header + data + new end entry
+    if h.backing_file_offset:
+        name_start = h.backing_file_offset
+        name_len = h.backing_file_size
+        if name_start < new_end:
+            target = (max(new_end, name_start + name_len) + 7) // 8 * 8
+            if target + name_len > cs:
+                raise Qcow2Error(f"{img.filename}: no room in cluster 0 for the reverse-map "
+                                 f"extension", field="backing_file_offset", offset=8,
+                                 path=img.filename)
+            w.pwrite(w.pread(name_start, name_len), target)
+            w.sync()
+            w.pwrite(struct.pack(">Q", target), 8)
+            w.sync()
+    elif new_end > cs:
+        raise Qcow2Error(f"{img.filename}: no room in cluster 0 for the reverse-map extension",
+                         field="header extension", offset=end_entry, path=img.filename)
+    w.step()                                                   # 2: backing name out of the way
+    w.pwrite(ext + bytes(8), end_entry + 8)
+    w.sync()
+    w.pwrite(struct.pack(">II", EXT_RMAP, len(ext)), end_entry)
+    w.sync()
+    w.step()                                                   # 3: extension in the list
+
+
+def _has_ext(path: str) -> bool:
+    with Image.open(path, follow_backing=False) as img:
+        return _read_ext(img)[1] is not None
+
+
+def drop(path: str | os.PathLike[str]) -> bool:
+    """Remove the reverse map: clear the bit, remove the extension, truncate. False if none."""
+    path = os.fspath(path)
+    with ImageWriter(path) as w:
+        with Image.open(path, follow_backing=False) as img:
+            ext_off, data = _read_ext(img)
+            auto = img.header.autoclear_features
+            if data is None:
+                if auto & AUTOCLEAR_RMAP:
+                    w.pwrite(struct.pack(">Q", auto & ~AUTOCLEAR_RMAP), 88)
+                    w.sync()
+                return False
+            info = status(img)
+            w.pwrite(struct.pack(">Q", auto & ~AUTOCLEAR_RMAP), 88)
+            w.sync()
+            w.step()
+            # Rewrite the extension list without ours, in one write of the area.
+            start = img.header.header_length
+            _, area_end = _ext_layout(img)
+            kept = b""
+            for ext in img.header.extensions:
+                if ext.type == EXT_RMAP:
+                    continue
+                pad = (-len(ext.data)) % 8
+                kept += struct.pack(">II", ext.type, len(ext.data)) + ext.data + bytes(pad)
+            kept += bytes(8)
+            w.pwrite(kept + bytes(max(0, area_end - start - len(kept))), start)
+            w.sync()
+            w.step()
+            if info.offset and info.offset + info.length == w.size and \
+                    info.offset >= _last_refcounted_end(img):
+                w.truncate(info.offset)
+                w.sync()
+            return True
+
+
+def verify(img: Image, *, memory: int = 32 << 20, limit: int = 20) -> tuple[bool, list[str]]:
+    """Compare the stored map with one computed from the L2 tables: (match, differences)."""
+    info = status(img)
+    if not info.valid:
+        return False, [info.reason]
+    c = _compute(img, memory)
+    diffs: list[str] = []
+    stored = _flat_records(records(img, info))
+    fresh = _flat_records(_fresh_records(c))
+    i = 0
+    for a, b in _zip_longest(stored, fresh):
+        if a != b:
+            if len(diffs) < limit:
+                diffs.append(f"record {i}: map has {_fmt(a, c.unit_bits)}, L2 tables say "
+                             f"{_fmt(b, c.unit_bits)}")
+            else:
+                diffs.append("...")
+                break
+        i += 1
+    stored_c = compressed_records(img, info)
+    if not np.array_equal(stored_c, c.comp):
+        diffs.append(f"compressed records differ ({stored_c.shape[0]} in the map, "
+                     f"{c.comp.shape[0]} in the L2 tables)")
+    c.spill.close()
+    return not diffs, diffs
+
+
+def _fresh_records(c: _Computed) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    prev = 0
+    for rows in _spilled_rows(c):
+        gap, guest, count = (rows[:, 0].astype(np.uint64), rows[:, 1].astype(np.uint64),
+                             rows[:, 2].astype(np.uint64))
+        ends = np.cumsum(gap + count) + np.uint64(prev)
+        prev = int(ends[-1])
+        yield ends - count, guest, count
+
+
+def _flat_records(chunks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]
+                  ) -> Iterator[tuple[int, int, int]]:
+    for h, g, n in chunks:
+        yield from zip(h.tolist(), g.tolist(), n.tolist())
+
+
+def _zip_longest(a: Iterator[Any], b: Iterator[Any]) -> Iterator[tuple[Any, Any]]:
+    sentinel = object()
+    while True:
+        x = next(a, sentinel)
+        y = next(b, sentinel)
+        if x is sentinel and y is sentinel:
+            return
+        yield (None if x is sentinel else x), (None if y is sentinel else y)
+
+
+def _fmt(rec: tuple[int, int, int] | None, unit_bits: int) -> str:
+    if rec is None:
+        return "nothing"
+    h, g, n = rec
+    u = 1 << unit_bits
+    return f"host {h * u:#x} -> guest {g * u:#x} (+{n * u:#x})"
