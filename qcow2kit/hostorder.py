@@ -50,13 +50,18 @@ BYTES_PER_RUN = 128
 _BUCKETS_PER_FILE = 4096
 
 
-def _data_runs(runs: np.ndarray) -> np.ndarray:
-    """The runs that must be read: stored data (not file holes), with a host offset."""
+def _data_runs(runs: np.ndarray, include_holes: bool = False) -> np.ndarray:
+    """The runs that must be read: stored data with a host offset.
+
+    The holes of a metadata-preallocated file (data that reads as zero) are
+    left out unless ``include_holes``: the reverse map records them, as they
+    are allocated clusters all the same.
+    """
     f = runs["flags"]
     data = (f & np.uint8(FLAG_DATA)) != 0
     zero = (f & np.uint8(FLAG_ZERO)) != 0
     located = (f & np.uint8(FLAG_OFFSET | FLAG_COMPRESSED)) != 0
-    sel = runs[data & ~zero & located]
+    sel = runs[data & (include_holes | ~zero) & located]
     out = np.empty(sel.shape[0], dtype=RUN_DTYPE)
     out["file"] = sel["depth"]
     out["host"] = sel["offset"]
@@ -161,6 +166,7 @@ def _sorted_merge(scan: Callable[[], Iterable[np.ndarray]], *, memory: int,
     item = dtype.itemsize
     pos = [0] * k
     bufs: list[np.ndarray] = [np.empty(0, dtype=dtype)] * k
+    keys: list[np.ndarray] = [np.empty(0, dtype=np.uint64)] * k
     try:
         while True:
             for i, (first, n) in enumerate(chunks):
@@ -168,35 +174,26 @@ def _sorted_merge(scan: Callable[[], Iterable[np.ndarray]], *, memory: int,
                     take = min(block, n - pos[i])
                     spill.seek((first + pos[i]) * item)
                     bufs[i] = np.fromfile(spill, dtype=dtype, count=take)
+                    keys[i] = _key(bufs[i], file_field, host_field)
                     pos[i] += take
             live = [i for i in range(k) if bufs[i].shape[0]]
             if not live:
                 break
-            limits = [_key(bufs[i][-1:], file_field, host_field)[0] for i in live
-                      if pos[i] < chunks[i][1]]
-            merged = np.concatenate([bufs[i] for i in live])
-            keys = _key(merged, file_field, host_field)
-            if limits:
-                bound = min(limits)
-                out_mask = keys <= bound
-                keep_from = {}
-                off = 0
-                for i in live:
-                    n = bufs[i].shape[0]
-                    bk = keys[off:off + n]
-                    keep_from[i] = int(np.searchsorted(bk, bound, side="right"))
-                    off += n
-                for i in live:
-                    bufs[i] = bufs[i][keep_from[i]:]
-                out = merged[out_mask]
-                okeys = keys[out_mask]
-            else:
-                for i in live:
-                    bufs[i] = np.empty(0, dtype=dtype)
-                out, okeys = merged, keys
-            if out.shape[0]:
+            limits = [int(keys[i][-1]) for i in live if pos[i] < chunks[i][1]]
+            parts = []
+            pkeys = []
+            for i in live:
+                cut = (int(np.searchsorted(keys[i], np.uint64(min(limits)), side="right"))
+                       if limits else bufs[i].shape[0])
+                if cut:
+                    parts.append(bufs[i][:cut])
+                    pkeys.append(keys[i][:cut])
+                    bufs[i] = bufs[i][cut:]
+                    keys[i] = keys[i][cut:]
+            if parts:
+                out = np.concatenate(parts)
                 st.windows += 1
-                yield out[np.argsort(okeys, kind="stable")]
+                yield out[np.argsort(np.concatenate(pkeys), kind="stable")]
     finally:
         spill.close()
 
@@ -330,7 +327,8 @@ class HostOrderPlan:
 
     def __init__(self, img: Image, start: int = 0, length: int | None = None, *,
                  memory: int = DEFAULT_MEMORY, max_request: int = DEFAULT_MAX_REQUEST,
-                 read_gap: int = 0, strategy: str = "merge", use_rmap: bool = True) -> None:
+                 read_gap: int = 0, strategy: str = "merge", use_rmap: bool = True,
+                 include_holes: bool = False) -> None:
         if strategy not in ("merge", "rescan"):
             raise ValueError(f"strategy must be 'merge' or 'rescan', not {strategy!r}")
         self.img = img
@@ -346,6 +344,7 @@ class HostOrderPlan:
         # Half the budget for the L2 scan, half for the runs being sorted.
         self._scan_memory = max(64 * 1024, memory // 2)
         self.use_rmap = use_rmap
+        self.include_holes = include_holes
         self.source, self.source_reason = self._choose_source()
 
     def _choose_source(self) -> tuple[str, str]:
@@ -412,8 +411,8 @@ class HostOrderPlan:
 
     def _scan(self) -> Iterator[np.ndarray]:
         for runs in resolved_batches(self.img, self.start, self.length,
-                                     memory=self._scan_memory):
-            yield _data_runs(runs)
+                                     memory=self._scan_memory, holes=not self.include_holes):
+            yield _data_runs(runs, self.include_holes)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         sizes = [_data_size(layer) for layer in self.layers]

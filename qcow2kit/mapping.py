@@ -286,10 +286,11 @@ def detect_metadata_preallocation(img: Image) -> bool:
     return False
 
 
-def _make_layers(img: Image | RawImage, depth: int = 0) -> _Layer:
+def _make_layers(img: Image | RawImage, depth: int = 0, holes: bool = True) -> _Layer:
     back = img.backing if isinstance(img, Image) else None
-    layer = _Layer(img, depth, _make_layers(back, depth + 1) if back is not None else None)
-    if isinstance(img, Image) and not img.encrypted:
+    layer = _Layer(img, depth,
+                   _make_layers(back, depth + 1, holes) if back is not None else None)
+    if holes and isinstance(img, Image) and not img.encrypted:
         layer.prealloc = detect_metadata_preallocation(img)
     return layer
 
@@ -562,13 +563,15 @@ def _resolve(layer: _Layer, w0: int, w1: int) -> np.ndarray:
 
 
 def resolved_batches(img: Image, start: int = 0, length: int | None = None, *,
-                     memory: int = DEFAULT_MEMORY) -> Iterator[np.ndarray]:
+                     memory: int = DEFAULT_MEMORY, holes: bool = True) -> Iterator[np.ndarray]:
     """Unmerged runs of ``[start, start+length)``, every layer resolved, window by window.
 
     Each run is uniform in one layer's L2 table: a compressed cluster is a
     run of its own whose ``offset`` is the compressed stream's host offset
     (FLAG_OFFSET is not set for it, as QEMU reports none).  The host-order
-    planner consumes these; :func:`map_batches` merges them.
+    planner consumes these; :func:`map_batches` merges them.  With
+    ``holes=False`` the file holes of metadata-preallocated images are not
+    looked up (their clusters stay plain data, as the reverse map wants).
     """
     size = img.size
     end = size if length is None else min(size, start + max(length, 0))
@@ -576,7 +579,7 @@ def resolved_batches(img: Image, start: int = 0, length: int | None = None, *,
         return
     if memory < 64 * 1024:
         raise ValueError(f"memory budget of {memory} bytes is too small (at least 64 KiB)")
-    layers = _make_layers(img)
+    layers = _make_layers(img, holes=holes)
     # Window: as many guest bytes as the budget allows, in whole top-level L1 entries
     # when at least one fits, else in whole clusters (the table is then kept between
     # windows so it is read once).

@@ -124,7 +124,8 @@ def _compute(img: Image, memory: int) -> _Computed:
     geo = img.geometry
     unit_bits = geo.unit_bits
     unit = 1 << unit_bits
-    plan = HostOrderPlan(img, memory=memory, max_request=1 << 62)
+    plan = HostOrderPlan(img, memory=memory, max_request=1 << 62, use_rmap=False,
+                         include_holes=True)
     spill = tempfile.TemporaryFile(prefix="qcow2kit-rmap-")
     comp_parts: list[np.ndarray] = []
     # The last record is held back: the next batch may continue it.
