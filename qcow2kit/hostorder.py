@@ -24,8 +24,9 @@ belong to.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -159,43 +160,75 @@ def _sorted_merge(scan: Callable[[], Iterable[np.ndarray]], *, memory: int,
     if pending:
         flush()
     assert spill is not None and dtype is not None
-    # k-way merge: keep a block of each chunk in memory; everything up to the smallest
-    # "last key loaded" of the chunks not yet exhausted is final and can go out.
+    # Bound the fan-in so that one block of every merged chunk fits the budget:
+    # merge groups of chunks into longer chunks (appended to the spill) until few remain.
+    fanin = max(2, cap // 256 - 1)
+    try:
+        while len(chunks) > fanin:
+            merged_chunks = []
+            for g in range(0, len(chunks), fanin):
+                group = chunks[g:g + fanin]
+                if len(group) == 1:
+                    merged_chunks.append(group[0])
+                    continue
+                first = _spill_end(spill, dtype)
+                total = 0
+                for rows in _merge_chunks(spill, group, dtype, cap, file_field, host_field):
+                    spill.seek((first + total) * dtype.itemsize)
+                    rows.tofile(spill)
+                    total += rows.shape[0]
+                merged_chunks.append((first, total))
+            chunks = merged_chunks
+        for out in _merge_chunks(spill, chunks, dtype, cap, file_field, host_field):
+            st.windows += 1
+            yield out
+    finally:
+        spill.close()
+
+
+def _spill_end(spill: Any, dtype: np.dtype) -> int:
+    spill.seek(0, os.SEEK_END)
+    return spill.tell() // dtype.itemsize
+
+
+def _merge_chunks(spill: Any, chunks: list[tuple[int, int]], dtype: np.dtype, cap: int,
+                  file_field: str, host_field: str) -> Iterator[np.ndarray]:
+    """k-way merge of sorted chunks of the spill file, in sorted batches.
+
+    A block of each chunk is kept in memory; everything up to the smallest
+    "last key loaded" of the chunks not yet exhausted is final and goes out.
+    """
     k = len(chunks)
     block = max(256, cap // (k + 1))
     item = dtype.itemsize
     pos = [0] * k
     bufs: list[np.ndarray] = [np.empty(0, dtype=dtype)] * k
     keys: list[np.ndarray] = [np.empty(0, dtype=np.uint64)] * k
-    try:
-        while True:
-            for i, (first, n) in enumerate(chunks):
-                if bufs[i].shape[0] == 0 and pos[i] < n:
-                    take = min(block, n - pos[i])
-                    spill.seek((first + pos[i]) * item)
-                    bufs[i] = np.fromfile(spill, dtype=dtype, count=take)
-                    keys[i] = _key(bufs[i], file_field, host_field)
-                    pos[i] += take
-            live = [i for i in range(k) if bufs[i].shape[0]]
-            if not live:
-                break
-            limits = [int(keys[i][-1]) for i in live if pos[i] < chunks[i][1]]
-            parts = []
-            pkeys = []
-            for i in live:
-                cut = (int(np.searchsorted(keys[i], np.uint64(min(limits)), side="right"))
-                       if limits else bufs[i].shape[0])
-                if cut:
-                    parts.append(bufs[i][:cut])
-                    pkeys.append(keys[i][:cut])
-                    bufs[i] = bufs[i][cut:]
-                    keys[i] = keys[i][cut:]
-            if parts:
-                out = np.concatenate(parts)
-                st.windows += 1
-                yield out[np.argsort(np.concatenate(pkeys), kind="stable")]
-    finally:
-        spill.close()
+    while True:
+        for i, (first, n) in enumerate(chunks):
+            if bufs[i].shape[0] == 0 and pos[i] < n:
+                take = min(block, n - pos[i])
+                spill.seek((first + pos[i]) * item)
+                bufs[i] = np.fromfile(spill, dtype=dtype, count=take)
+                keys[i] = _key(bufs[i], file_field, host_field)
+                pos[i] += take
+        live = [i for i in range(k) if bufs[i].shape[0]]
+        if not live:
+            break
+        limits = [int(keys[i][-1]) for i in live if pos[i] < chunks[i][1]]
+        parts = []
+        pkeys = []
+        for i in live:
+            cut = (int(np.searchsorted(keys[i], np.uint64(min(limits)), side="right"))
+                   if limits else bufs[i].shape[0])
+            if cut:
+                parts.append(bufs[i][:cut])
+                pkeys.append(keys[i][:cut])
+                bufs[i] = bufs[i][cut:]
+                keys[i] = keys[i][cut:]
+        if parts:
+            out = np.concatenate(parts)
+            yield out[np.argsort(np.concatenate(pkeys), kind="stable")]
 
 
 def _sorted_rescan(scan: Callable[[], Iterable[np.ndarray]], file_sizes: list[int], *,
@@ -285,6 +318,10 @@ def coalesce(runs: np.ndarray, *, max_request: int = DEFAULT_MAX_REQUEST,
     gap = host[1:] - end[:-1]
     new[1:] = ((runs["file"][1:] != runs["file"][:-1]) | (gap < 0) | (gap > read_gap)
                | comp[1:] | comp[:-1])
+    # Pieces of one compressed cluster (a top layer splitting it) share its one read.
+    same_stream = (comp[1:] & comp[:-1] & (runs["file"][1:] == runs["file"][:-1])
+                   & (host[1:] == host[:-1]))
+    new[1:] &= ~same_stream
     # Enforce max_request greedily inside each chain of joinable runs (loop per chain
     # only where a chain is long enough to need cutting).
     heads = np.flatnonzero(new)
@@ -301,7 +338,7 @@ def coalesce(runs: np.ndarray, *, max_request: int = DEFAULT_MAX_REQUEST,
     out = np.empty(heads.shape[0], dtype=REQUEST_DTYPE)
     out["file"] = runs["file"][heads]
     out["host"] = host[heads]
-    out["length"] = end[stops - 1] - host[heads]
+    out["length"] = np.maximum.reduceat(end, heads) - host[heads]
     out["first_run"] = heads
     out["nruns"] = stops - heads
     out["compressed"] = comp[heads]
@@ -508,12 +545,14 @@ def read_host_order(img: Image, start: int = 0, length: int | None = None, *,
             if r["compressed"]:
                 layer = p.layers[f]
                 assert isinstance(layer, Image)
-                g = int(runs["guest"][first])
-                cstart = g >> layer.cluster_bits << layer.cluster_bits
-                data = layer._decompress(host, rlen)
-                skip = g - cstart
-                glen = int(runs["length"][first])
-                yield HostReadItem(f, host, rlen, [(g, glen, memoryview(data)[skip:skip + glen])])
+                data = memoryview(layer._decompress(host, rlen))
+                cpieces = []
+                for k in range(first, first + nr):   # every piece of this one stream
+                    g = int(runs["guest"][k])
+                    skip = g - (g >> layer.cluster_bits << layer.cluster_bits)
+                    glen = int(runs["length"][k])
+                    cpieces.append((g, glen, data[skip:skip + glen]))
+                yield HostReadItem(f, host, rlen, cpieces)
                 continue
             # One pread per max_request piece of the request.
             pos = 0

@@ -504,7 +504,9 @@ def _overlay(top: np.ndarray, below: np.ndarray) -> np.ndarray:
     piece = below[bi].copy()
     delta = fall_pts - piece["start"]
     piece["start"] = fall_pts
-    piece["offset"] = piece["offset"] + delta
+    # A compressed cluster's offset is its stream's, whatever part of it a piece covers.
+    piece["offset"] = np.where(piece["kind"] == T.COMPRESSED, piece["offset"],
+                               piece["offset"] + delta)
     nxt = np.empty(pts.shape[0], np.uint64)
     nxt[:-1] = pts[1:]
     nxt[-1] = end

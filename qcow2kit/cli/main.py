@@ -309,7 +309,8 @@ def cmd_map(args: argparse.Namespace) -> int:
         if args.output == "json":
             # qemu-img prints one empty, flag-less extent at the start offset when the
             # range is empty; map_json_chunks does the same given empty_start.
-            chunks = render.map_json_chunks(batches, empty_start=start)
+            chunks = render.map_json_chunks(
+                batches, empty_start=None if args.order == "host" and not args.all else start)
         else:
             chunks = render.map_human_chunks(batches, layer_filenames(img))
         try:

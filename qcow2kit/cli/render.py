@@ -948,7 +948,7 @@ def _empty_map_entry(start: int) -> bytes:
 
 
 def map_json_chunks(batches: Iterable[np.ndarray], *,
-                    empty_start: int = 0) -> Iterator[bytes]:
+                    empty_start: int | None = 0) -> Iterator[bytes]:
     """The bytes of ``qemu-img map --output=json``: a chunk per non-empty batch
     (one per :data:`_CHUNK` extents of a larger batch), then the closing ``]\\n``.
 
@@ -968,7 +968,9 @@ def map_json_chunks(batches: Iterable[np.ndarray], *,
             yield from _render_json(batch, first)
             first = False
     if first:
-        yield b"[" + _empty_map_entry(empty_start) + b"]\n"
+        # empty_start=None: a listing that may legitimately be empty (map --order=host).
+        yield (b"[]\n" if empty_start is None
+               else b"[" + _empty_map_entry(empty_start) + b"]\n")
     else:
         yield b"]\n"
 
