@@ -28,10 +28,10 @@ RMAP_VERSION = 1
 AUTOCLEAR_RMAP = 1 << 32
 EXT_LENGTH = 48
 DATA_MAGIC = b"QKRMAP\0\1"
-DATA_HEADER = 32
+DATA_HEADER = 40
 FLAG_DATA_FILE = 1
 _EXT = struct.Struct(">IIQQQQII")
-_DATA_HDR = struct.Struct("<8sBBBBBBBBQQ")
+_DATA_HDR = struct.Struct("<8sBBBBBBBBQQQ")
 COMP_DTYPE = np.dtype([("host", "<u8"), ("guest", "<u8"), ("clen", "<u4")])
 CHUNK_RECORDS = 1 << 16
 
@@ -233,7 +233,8 @@ def status(img: Image) -> RmapInfo:
     hdr = _DATA_HDR.unpack(img.src.read_at(info.offset, DATA_HEADER, field="rmap data"))
     magic, cb, ub, hw, gw, cw = hdr[:6]
     info.cluster_bits, info.unit_bits, info.widths = cb, ub, (hw, gw, cw)
-    info.nb_data_records, info.nb_compressed_records = hdr[-2], hdr[-1]
+    info.nb_data_records, info.nb_compressed_records = hdr[9], hdr[10]
+    info.extra["file_size_before"] = hdr[11]
     if magic != DATA_MAGIC or cb != img.cluster_bits or ub != img.geometry.unit_bits \
             or not all(1 <= w <= 8 for w in (hw, gw, cw)):
         info.reason = "reverse-map data header does not match the image"
@@ -246,14 +247,7 @@ def status(img: Image) -> RmapInfo:
     if h.l1_table_offset != info.l1_table_offset or _l1_crc(img) != info.l1_crc32:
         info.reason = "stale: the active L1 table changed since the map was built"
         return info
-    crc = 0
-    pos = info.offset
-    end = info.offset + info.length
-    while pos < end:
-        n = min(8 << 20, end - pos)
-        crc = zlib.crc32(img.src.read_at(pos, n, field="rmap data"), crc)
-        pos += n
-    if crc != info.data_crc32:
+    if not _data_intact(img, info):
         info.reason = "reverse-map data checksum mismatch"
         return info
     info.valid = True
@@ -341,7 +335,7 @@ def build(path: str | os.PathLike[str], *, memory: int = 32 << 20) -> RmapInfo:
         cs = img.cluster_size
         where = max(-(-img.src.size // cs) * cs, _last_refcounted_end(img))
         hdr = _DATA_HDR.pack(DATA_MAGIC, img.cluster_bits, c.unit_bits, *widths, 0, 0, 0,
-                             c.nb_data, c.comp.shape[0])
+                             c.nb_data, c.comp.shape[0], img.src.size)
         crc = zlib.crc32(hdr)
         pos = where
         w.pwrite(hdr, pos)
@@ -433,14 +427,17 @@ def drop(path: str | os.PathLike[str]) -> bool:
         with Image.open(path, follow_backing=False) as img:
             ext_off, data = _read_ext(img)
             auto = img.header.autoclear_features
+            v3 = img.header.version >= 3   # a v2 header has no autoclear field at 88
             if data is None:
-                if auto & AUTOCLEAR_RMAP:
+                if v3 and auto & AUTOCLEAR_RMAP:
                     w.pwrite(struct.pack(">Q", auto & ~AUTOCLEAR_RMAP), 88)
                     w.sync()
                 return False
             info = status(img)
-            w.pwrite(struct.pack(">Q", auto & ~AUTOCLEAR_RMAP), 88)
-            w.sync()
+            before = _recorded_size(img, info)
+            if v3:
+                w.pwrite(struct.pack(">Q", auto & ~AUTOCLEAR_RMAP), 88)
+                w.sync()
             w.step()
             # Rewrite the extension list without ours, in one write of the area.
             start = img.header.header_length
@@ -455,11 +452,33 @@ def drop(path: str | os.PathLike[str]) -> bool:
             w.pwrite(kept + bytes(max(0, area_end - start - len(kept))), start)
             w.sync()
             w.step()
+            # Truncate only a map that is still the intact last thing in the file, with no
+            # refcounted cluster inside it (after a QEMU write it may hold QEMU's data).
             if info.offset and info.offset + info.length == w.size and \
-                    info.offset >= _last_refcounted_end(img):
-                w.truncate(info.offset)
+                    info.offset >= _last_refcounted_end(img) and _data_intact(img, info):
+                # Back to the size before the build, which may end inside a cluster.
+                w.truncate(before if before is not None and before <= info.offset
+                           else info.offset)
                 w.sync()
             return True
+
+
+def _data_intact(img: Image, info: RmapInfo) -> bool:
+    crc = 0
+    pos, end = info.offset, info.offset + info.length
+    while pos < end:
+        n = min(8 << 20, end - pos)
+        crc = zlib.crc32(img.src.read_at(pos, n, field="rmap data"), crc)
+        pos += n
+    return crc == info.data_crc32
+
+
+def _recorded_size(img: Image, info: RmapInfo) -> int | None:
+    """The file size recorded when the map was built, if its data header is still intact."""
+    if not info.offset or info.offset + DATA_HEADER > img.src.size:
+        return None
+    hdr = _DATA_HDR.unpack(img.src.read_at(info.offset, DATA_HEADER, field="rmap data"))
+    return int(hdr[11]) if hdr[0] == DATA_MAGIC else None
 
 
 def verify(img: Image, *, memory: int = 32 << 20, limit: int = 20) -> tuple[bool, list[str]]:
