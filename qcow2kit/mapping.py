@@ -55,7 +55,9 @@ FLAG_DATA = 4
 FLAG_OFFSET = 8        # ``offset`` is valid
 FLAG_COMPRESSED = 16
 #: Flags that must agree for two adjacent extents to merge.
-MERGE_FLAGS = FLAG_PRESENT | FLAG_ZERO | FLAG_DATA | FLAG_OFFSET | FLAG_COMPRESSED
+#: (Not FLAG_COMPRESSED: qemu-img 7.2's entry_mergeable has no such field. Compressed
+#: data carries no offset, so it only ever meets another offset-less data extent.)
+MERGE_FLAGS = FLAG_PRESENT | FLAG_ZERO | FLAG_DATA | FLAG_OFFSET
 
 DEFAULT_MEMORY = 32 * 1024 * 1024
 #: Bytes of working memory per decoded unit (L2 entry words plus the numpy
@@ -306,9 +308,9 @@ def _units_per_byte(layer: _Layer | None) -> float:
     return total
 
 
-def _read_l2_batch(img: Image, l1_lo: int, l1_hi: int) -> list[tuple[int, np.ndarray,
-                                                                      np.ndarray | None]]:
-    """L2 tables under L1 entries [l1_lo, l1_hi): (l1 index, entries, bitmaps).
+def _read_l2_batch(img: Image, l1_lo: int, l1_hi: int
+                   ) -> list[tuple[int, np.ndarray, np.ndarray | None, int]]:
+    """L2 tables under L1 entries [l1_lo, l1_hi): (l1 index, entries, bitmaps, 0).
 
     Tables that lie back to back in the file are read with one pread.
     """
@@ -331,7 +333,7 @@ def _read_l2_batch(img: Image, l1_lo: int, l1_hi: int) -> list[tuple[int, np.nda
     brk = np.flatnonzero((np.diff(o) != cs) | (np.diff(idx) != 1)) + 1
     starts = np.concatenate(([0], brk))
     stops = np.concatenate((brk, [o.shape[0]]))
-    out: list[tuple[int, np.ndarray, np.ndarray | None]] = []
+    out: list[tuple[int, np.ndarray, np.ndarray | None, int]] = []
     for a, b in zip(starts.tolist(), stops.tolist()):
         first = int(o[a])
         try:
@@ -347,20 +349,18 @@ def _read_l2_batch(img: Image, l1_lo: int, l1_hi: int) -> list[tuple[int, np.nda
         for k in range(b - a):
             w = words[k * per:(k + 1) * per]
             if img.geometry.extended:
-                out.append((int(idx[a + k]) + l1_lo, w[0::2], w[1::2]))
+                out.append((int(idx[a + k]) + l1_lo, w[0::2], w[1::2], 0))
             else:
-                out.append((int(idx[a + k]) + l1_lo, w, None))
+                out.append((int(idx[a + k]) + l1_lo, w, None, 0))
     return out
 
 
 def _read_l2_slice(img: Image, l1_index: int, first: int, stop: int
-                   ) -> list[tuple[int, np.ndarray, np.ndarray | None]]:
-    """Entries [first, stop) of one L2 table, as a full-length table view padded with zeros.
+                   ) -> list[tuple[int, np.ndarray, np.ndarray | None, int]]:
+    """Entries [first, stop) of one L2 table: (l1 index, entries, bitmaps, first).
 
     Only the bytes of those entries are read, so a window smaller than a
-    table's span costs memory for its own entries alone.  Returned in the
-    shape of :func:`_read_l2_batch` (entries outside the slice read as 0 and
-    are never looked at by the caller).
+    table's span costs memory for its own entries alone.
     """
     l1 = img.l1_table
     if l1_index >= l1.shape[0]:
@@ -383,15 +383,9 @@ def _read_l2_slice(img: Image, l1_index: int, first: int, stop: int
                                 offset=img.header.l1_table_offset + 8 * l1_index,
                                 path=img.filename) from exc
     words = T.decode_u64_table(raw)
-    n = geo.l2_entries
-    entries = np.zeros(n, np.uint64)
     if geo.extended:
-        entries[first:stop] = words[0::2]
-        bitmaps = np.zeros(n, np.uint64)
-        bitmaps[first:stop] = words[1::2]
-        return [(l1_index, entries, bitmaps)]
-    entries[first:stop] = words
-    return [(l1_index, entries, None)]
+        return [(l1_index, words[0::2], words[1::2], first)]
+    return [(l1_index, words, None, first)]
 
 
 def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
@@ -425,7 +419,7 @@ def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
     crypto = img.encrypted
     pieces: list[np.ndarray] = []
     pos = w0
-    for l1_index, entries, bitmaps in tables:
+    for l1_index, entries, bitmaps, e0 in tables:
         t0 = max(l1_index << span_bits, w0)
         t1 = min((l1_index + 1) << span_bits, w1)
         if t0 > pos:  # unallocated L1 entries before this table
@@ -436,8 +430,9 @@ def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
         base = l1_index << span_bits
         c0 = (t0 - base) >> cb
         c1 = ((t1 - 1 - base) >> cb) + 1
-        u = T.classify(entries[c0:c1], None if bitmaps is None else bitmaps[c0:c1], geo)
-        img.check_units(l1_index, c0, entries[c0:c1], u)
+        ents = entries[c0 - e0:c1 - e0]   # e0: index of the first entry read
+        u = T.classify(ents, None if bitmaps is None else bitmaps[c0 - e0:c1 - e0], geo)
+        img.check_units(l1_index, c0, ents, u)
         kind = u.kind
         flags = np.zeros(kind.shape, np.uint8)
         flags[kind == T.DATA] = FLAG_PRESENT | FLAG_DATA

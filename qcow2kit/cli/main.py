@@ -236,20 +236,28 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def parse_size(text: str) -> int:
-    """Parse a size like qemu-img does: a number with an optional K, M, G, T suffix (powers of 1024)."""
+def parse_size(text: str, what: str = "size") -> int:
+    """Parse a size like qemu-img does: a number with an optional k, M, G, T, P, E suffix
+    (powers of 1024), exactly (no float rounding), at most INT64_MAX."""
+    from decimal import Decimal, InvalidOperation
+
     t = text.strip()
-    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+             "p": 1 << 50, "e": 1 << 60}
     suffix = t[-1:].lower() if t and t[-1].isalpha() else ""
     num = t[:-1] if suffix else t
     try:
-        value = float(num)
-    except ValueError:
-        raise CommandError(f"invalid size {text!r}: expected a number with an optional "
+        value = Decimal(num)
+    except InvalidOperation:
+        raise CommandError(f"invalid {what} {text!r}: expected a number with an optional "
                            f"k/M/G/T suffix") from None
-    if suffix not in units or value < 0:
-        raise CommandError(f"invalid size {text!r}")
-    return int(value * units[suffix])
+    if suffix not in units or not value.is_finite() or value < 0:
+        raise CommandError(f"invalid {what} {text!r}")
+    result = int(value * units[suffix])
+    if result > (1 << 63) - 1:
+        raise CommandError(f"invalid {what} {text!r}: larger than the largest offset "
+                           f"({(1 << 63) - 1})")
+    return result
 
 
 # --------------------------------------------------------------------------- commands
@@ -293,8 +301,9 @@ def cmd_map(args: argparse.Namespace) -> int:
     from ..mapping import layer_filenames, map_batches
     from . import render
 
-    start = parse_size(args.start_offset)
-    max_length = parse_size(args.max_length) if args.max_length is not None else None
+    start = parse_size(args.start_offset, "start offset")
+    max_length = (parse_size(args.max_length, "length") if args.max_length is not None
+                  else None)
     memory = parse_size(args.memory)
     with image_mod.Image.open(args.filename) as img:
         if args.order == "host":
