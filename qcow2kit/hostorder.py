@@ -518,6 +518,62 @@ class HostReadItem:
     pieces: list[tuple[int, int, memoryview]]
 
 
+@dataclass
+class ReadSpec:
+    """One pread the host-order reader will issue: ``length`` bytes at ``host`` in file
+    ``file``, covering ``runs`` (RUN_DTYPE rows); ``compressed`` for a compressed stream."""
+
+    file: int
+    host: int
+    length: int
+    compressed: bool
+    runs: np.ndarray
+
+
+def read_specs(plan: HostOrderPlan) -> Iterator[ReadSpec]:
+    """The preads of a plan, in order (requests longer than max_request cut in pieces)."""
+    max_request = plan.max_request
+    for reqs, runs in plan:
+        for r in reqs:
+            f, host, rlen = int(r["file"]), int(r["host"]), int(r["length"])
+            first, nr = int(r["first_run"]), int(r["nruns"])
+            rs = runs[first:first + nr]
+            if r["compressed"] or rlen <= max_request:
+                yield ReadSpec(f, host, rlen, bool(r["compressed"]), rs)
+                continue
+            for pos in range(0, rlen, max_request):
+                yield ReadSpec(f, host + pos, min(max_request, rlen - pos), False, rs)
+
+
+def read_one(plan: HostOrderPlan, spec: ReadSpec) -> HostReadItem:
+    """Issue one pread of the plan and say where its bytes belong (thread-safe)."""
+    layer = plan.layers[spec.file]
+    rs = spec.runs
+    if spec.compressed:
+        assert isinstance(layer, Image)
+        data = memoryview(layer.inflate(spec.host, spec.length))
+        cpieces = []
+        for k in range(rs.shape[0]):   # every piece of this one stream
+            g = int(rs["guest"][k])
+            skip = g - (g >> layer.cluster_bits << layer.cluster_bits)
+            glen = int(rs["length"][k])
+            cpieces.append((g, glen, data[skip:skip + glen]))
+        return HostReadItem(spec.file, spec.host, spec.length, cpieces)
+    src = layer.data_source if isinstance(layer, Image) else layer.src
+    lo, n = spec.host, spec.length
+    mv = memoryview(src.read_padded(lo, n, field="data cluster"))
+    hi = lo + n
+    hs = rs["host"].astype(np.int64)
+    ls = rs["length"].astype(np.int64)
+    pieces = []
+    for k in np.flatnonzero((hs < hi) & (hs + ls > lo)).tolist():
+        a = max(int(hs[k]), lo)
+        b = min(int(hs[k] + ls[k]), hi)
+        g = int(rs["guest"][k]) + (a - int(hs[k]))
+        pieces.append((g, b - a, mv[a - lo:b - lo]))
+    return HostReadItem(spec.file, lo, n, pieces)
+
+
 def read_host_order(img: Image, start: int = 0, length: int | None = None, *,
                     memory: int = DEFAULT_MEMORY, max_request: int = DEFAULT_MAX_REQUEST,
                     read_gap: int = 0, plan: HostOrderPlan | None = None
@@ -527,53 +583,15 @@ def read_host_order(img: Image, start: int = 0, length: int | None = None, *,
     Every data cluster (or subcluster) of every layer that the guest sees
     comes out exactly once; ranges that read as zero are not read (use
     :func:`zero_ranges` for them).  A request longer than ``max_request``
-    (a long contiguous run) is read in ``max_request`` pieces.
+    (a long contiguous run) is read in ``max_request`` pieces.  To keep
+    several reads in flight, use :func:`read_specs` and :func:`read_one`
+    from a thread pool.
     """
     img._check_readable()
     p = plan or HostOrderPlan(img, start, length, memory=memory, max_request=max_request,
                               read_gap=read_gap)
-    sources = [layer.data_source if isinstance(layer, Image) else layer.src
-               for layer in p.layers]
-    for reqs, runs in p:
-        for r in reqs:
-            f = int(r["file"])
-            host = int(r["host"])
-            rlen = int(r["length"])
-            first = int(r["first_run"])
-            nr = int(r["nruns"])
-            src = sources[f]
-            if r["compressed"]:
-                layer = p.layers[f]
-                assert isinstance(layer, Image)
-                data = memoryview(layer._decompress(host, rlen))
-                cpieces = []
-                for k in range(first, first + nr):   # every piece of this one stream
-                    g = int(runs["guest"][k])
-                    skip = g - (g >> layer.cluster_bits << layer.cluster_bits)
-                    glen = int(runs["length"][k])
-                    cpieces.append((g, glen, data[skip:skip + glen]))
-                yield HostReadItem(f, host, rlen, cpieces)
-                continue
-            # One pread per max_request piece of the request.
-            pos = 0
-            while pos < rlen:
-                n = min(max_request, rlen - pos) if rlen > max_request else rlen
-                buf = src.read_padded(host + pos, n, field="data cluster")
-                mv = memoryview(buf)
-                pieces = []
-                rs = runs[first:first + nr]
-                hs = rs["host"].astype(np.int64)
-                ls = rs["length"].astype(np.int64)
-                lo = host + pos
-                hi = lo + n
-                sel = np.flatnonzero((hs < hi) & (hs + ls > lo))
-                for k in sel.tolist():
-                    a = max(int(hs[k]), lo)
-                    b = min(int(hs[k] + ls[k]), hi)
-                    g = int(rs["guest"][k]) + (a - int(hs[k]))
-                    pieces.append((g, b - a, mv[a - lo:b - lo]))
-                yield HostReadItem(f, lo, n, pieces)
-                pos += n
+    for spec in read_specs(p):
+        yield read_one(p, spec)
 
 
 def zero_ranges(img: Image, start: int = 0, length: int | None = None, *,

@@ -872,6 +872,14 @@ class Image:
         if cached is not None:
             self._dcache.move_to_end(coffset)
             return cached
+        out = self.inflate(coffset, csize)
+        self._dcache[coffset] = out
+        if len(self._dcache) > 8:
+            self._dcache.popitem(last=False)
+        return out
+
+    def inflate(self, coffset: int, csize: int) -> bytes:
+        """The cluster stored compressed at ``coffset`` (``csize`` bytes); no cache, thread-safe."""
         # The sector-rounded length may run past EOF: QEMU reads that tail as zeros.
         comp = self.src.read_padded(coffset, csize, field="compressed cluster")
         cs = self.cluster_size
@@ -891,9 +899,6 @@ class Image:
             raise CorruptImageError(f"{self.filename}: compressed cluster at {coffset:#x} "
                                     f"decompresses to {len(out)} bytes, not {cs}",
                                     field="compressed data", offset=coffset, path=self.filename)
-        self._dcache[coffset] = out
-        if len(self._dcache) > 8:
-            self._dcache.popitem(last=False)
         return out
 
     def _check_readable(self) -> None:

@@ -87,6 +87,11 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                         "the image front to back (default), or in guest order")
     p.add_argument("--memory", default="32M", metavar="SIZE",
                    help="memory budget for planning the host-order reads (default 32M)")
+    p.add_argument("-m", dest="inflight", type=int, default=8, metavar="N",
+                   help="reads kept in flight in host order (default 8, as qemu-img's -m)")
+    p.add_argument("--fsync", action="store_true",
+                   help="flush DST to disk before exiting (qemu-img convert does not: its "
+                        "target cache mode is 'unsafe')")
     p.add_argument("src", help="the qcow2 image to read")
     p.add_argument("dst", help="the raw file to write")
     p.set_defaults(func=cmd_convert)
@@ -291,8 +296,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     with image_mod.Image.open(args.src) as img:
         with render.progress_bar(img.size, enabled=args.progress) as advance:
+            if args.inflight < 1:
+                raise CommandError("-m: the number of reads in flight must be at least 1")
             convert_to_raw(img, args.dst, progress=advance, order=args.order,
-                           memory=parse_size(args.memory))
+                           memory=parse_size(args.memory), inflight=args.inflight,
+                           fsync=args.fsync)
     return EXIT_OK
 
 
