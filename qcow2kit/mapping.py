@@ -265,8 +265,9 @@ def detect_metadata_preallocation(img: Image) -> bool:
     end_cluster = -(-img.src.size // cs)
     h = img.header
     per_block = cs * 8 // h.refcount_bits
-    table = T.decode_u64_table(img.src.read_at(h.refcount_table_offset,
-                                               h.refcount_table_clusters * cs,
+    # Only the table entries and refcount entries that cover the file are read.
+    n_entries = min(h.refcount_table_clusters * cs // 8, -(-end_cluster // per_block))
+    table = T.decode_u64_table(img.src.read_at(h.refcount_table_offset, n_entries * 8,
                                                field="refcount table"))
     count = 0
     for i, entry in enumerate(table.tolist()):
@@ -281,8 +282,11 @@ def detect_metadata_preallocation(img: Image) -> bool:
                                     f"invalid (refcount table index {i})",
                                     field="refcount table entry",
                                     offset=h.refcount_table_offset + 8 * i, path=img.filename)
-        count += T.count_nonzero_refcounts(img.src.read_at(block_off, cs, field="refcount block"),
-                                           h.refcount_order, max(0, end_cluster - first))
+        wanted = min(per_block, end_cluster - first)
+        nbytes = -(-wanted * h.refcount_bits // 8)
+        count += T.count_nonzero_refcounts(img.src.read_at(block_off, nbytes,
+                                                           field="refcount block"),
+                                           h.refcount_order, wanted)
         if count > threshold:
             return True
     return False

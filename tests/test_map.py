@@ -1358,11 +1358,6 @@ def extended_2m_256g(tmp_path) -> Path:
 
 
 @qemu
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "mapping._read_l2_slice reads only the window's entries but returns them in zero-padded "
-    "arrays as long as a whole L2 table (np.zeros(l2_entries) for the entries, and again for "
-    "the bitmaps): 2 MiB with 2 MiB extended clusters (131072 entries x 8 bytes x 2), "
-    "whatever the budget; 2.1 MB traced at memory=1 MiB"))
 def test_memory_budget_with_2m_extended_clusters(extended_2m_256g):
     def scan():
         with qcow2kit.open(extended_2m_256g) as img:
