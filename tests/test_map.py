@@ -497,13 +497,15 @@ def expected_l2_reads(lay: Layout, window: int, span: int) -> list[tuple[int, in
 
 
 def expected_refcount_reads(lay: Layout) -> list[tuple[int, int]]:
-    """QEMU's metadata-preallocation heuristic reads the refcount table and every refcount
-    block that covers a cluster below the end of the file (when it does not stop early)."""
+    """QEMU's metadata-preallocation heuristic counts the refcounts of the clusters below the
+    end of the file (when it does not stop early): qcow2kit reads just the refcount table
+    entries and the refcount entries that cover them."""
     per_block = lay.cluster_size * 8 // lay.refcount_bits
     end_cluster = -(-lay.file_size // lay.cluster_size)
-    blocks = [(b, lay.cluster_size) for i, b in enumerate(lay.refblocks)
-              if b and i * per_block < end_cluster]
-    return sorted([(lay.reftable_offset, lay.reftable_bytes)] + blocks)
+    n_entries = min(lay.reftable_bytes // 8, -(-end_cluster // per_block))
+    blocks = [(b, -(-min(per_block, end_cluster - i * per_block) * lay.refcount_bits // 8))
+              for i, b in enumerate(lay.refblocks) if b and i * per_block < end_cluster]
+    return sorted([(lay.reftable_offset, n_entries * 8)] + blocks)
 
 
 def check_reads(log: ReadLog, lay: Layout, window: int, span: int, *,
