@@ -80,6 +80,13 @@ class Header:
     def cluster_size(self) -> int:
         return 1 << self.cluster_bits
 
+    def extension(self, ext_type: int) -> HeaderExtensionRecord | None:
+        """The first header extension of ``ext_type``, or None."""
+        for ext in self.extensions:
+            if ext.type == ext_type:
+                return ext
+        return None
+
     @property
     def refcount_bits(self) -> int:
         return 1 << self.refcount_order
@@ -588,10 +595,8 @@ class Image:
                                       path=self.filename)
 
     def _ext_offset(self, ext_type: int) -> int | None:
-        for ext in self.header.extensions:
-            if ext.type == ext_type:
-                return ext.offset
-        return None
+        ext = self.header.extension(ext_type)
+        return ext.offset if ext is not None else None
 
     def chain(self) -> list["Image | RawImage"]:
         """This image and its backing images, top first."""

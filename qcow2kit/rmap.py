@@ -197,10 +197,8 @@ def _spilled_rows(c: _Computed) -> Iterator[np.ndarray]:
 
 
 def _read_ext(img: Image) -> tuple[int | None, bytes | None]:
-    for ext in img.header.extensions:
-        if ext.type == EXT_RMAP:
-            return ext.offset, ext.data
-    return None, None
+    ext = img.header.extension(EXT_RMAP)
+    return (ext.offset, ext.data) if ext is not None else (None, None)
 
 
 def status(img: Image) -> RmapInfo:
@@ -271,12 +269,17 @@ def records(img: Image, info: RmapInfo) -> Iterator[tuple[np.ndarray, np.ndarray
         take = min(CHUNK_RECORDS, left)
         raw = img.src.read_at(pos, take * rec, field="rmap data")
         gap, guest, count = _decode(raw, (hw, gw, cw))
-        ends = np.cumsum(gap + count) + np.uint64(prev_end)
-        host = ends - count
-        prev_end = int(ends[-1])
+        host, prev_end = _hosts_from_gaps(gap, count, prev_end)
         yield host, guest, count
         pos += take * rec
         left -= take
+
+
+def _hosts_from_gaps(gap: np.ndarray, count: np.ndarray, prev_end: int
+                     ) -> tuple[np.ndarray, int]:
+    """Host units of records stored as gaps after the previous record's end; and the new end."""
+    ends = np.cumsum(gap + count) + np.uint64(prev_end)
+    return ends - count, int(ends[-1])
 
 
 def compressed_records(img: Image, info: RmapInfo) -> np.ndarray:
@@ -513,9 +516,8 @@ def _fresh_records(c: _Computed) -> Iterator[tuple[np.ndarray, np.ndarray, np.nd
     for rows in _spilled_rows(c):
         gap, guest, count = (rows[:, 0].astype(np.uint64), rows[:, 1].astype(np.uint64),
                              rows[:, 2].astype(np.uint64))
-        ends = np.cumsum(gap + count) + np.uint64(prev)
-        prev = int(ends[-1])
-        yield ends - count, guest, count
+        host, prev = _hosts_from_gaps(gap, count, prev)
+        yield host, guest, count
 
 
 def _flat_records(chunks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]
