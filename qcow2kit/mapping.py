@@ -263,30 +263,10 @@ def detect_metadata_preallocation(img: Image) -> bool:
     real_clusters = real_allocation // cs
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
     end_cluster = -(-img.src.size // cs)
-    h = img.header
-    per_block = cs * 8 // h.refcount_bits
-    # Only the table entries and refcount entries that cover the file are read.
-    n_entries = min(h.refcount_table_clusters * cs // 8, -(-end_cluster // per_block))
-    table = T.decode_u64_table(img.src.read_at(h.refcount_table_offset, n_entries * 8,
-                                               field="refcount table"))
+    order = img.header.refcount_order
     count = 0
-    for i, entry in enumerate(table.tolist()):
-        first = i * per_block
-        if first >= end_cluster:
-            break
-        block_off = entry & spec.REFT_OFFSET_MASK
-        if block_off == 0:
-            continue
-        if block_off % cs or block_off + cs > img.src.size:
-            raise CorruptImageError(f"{img.filename}: refcount block offset {block_off:#x} is "
-                                    f"invalid (refcount table index {i})",
-                                    field="refcount table entry",
-                                    offset=h.refcount_table_offset + 8 * i, path=img.filename)
-        wanted = min(per_block, end_cluster - first)
-        nbytes = -(-wanted * h.refcount_bits // 8)
-        count += T.count_nonzero_refcounts(img.src.read_at(block_off, nbytes,
-                                                           field="refcount block"),
-                                           h.refcount_order, wanted)
+    for _, raw, n in img.refcount_blocks(end_cluster):
+        count += T.count_nonzero_refcounts(raw, order, n)
         if count > threshold:
             return True
     return False

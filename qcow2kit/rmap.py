@@ -297,21 +297,12 @@ def _last_refcounted_end(img: Image) -> int:
     """Byte offset just past the last cluster with a non-zero refcount."""
     from . import tables as T
 
-    h = img.header
-    cs = img.cluster_size
-    per_block = cs * 8 // h.refcount_bits
-    table = T.decode_u64_table(img.src.read_at(h.refcount_table_offset,
-                                               h.refcount_table_clusters * cs,
-                                               field="refcount table"))
     last = -1
-    for i in np.flatnonzero(table & np.uint64(spec.REFT_OFFSET_MASK)).tolist():
-        block = int(table[i]) & spec.REFT_OFFSET_MASK
-        counts = T.decode_refcount_block(img.src.read_at(block, cs, field="refcount block"),
-                                         h.refcount_order)
-        nz = np.flatnonzero(counts)
+    for first, raw, _ in img.refcount_blocks():
+        nz = np.flatnonzero(T.decode_refcount_block(raw, img.header.refcount_order))
         if nz.shape[0]:
-            last = max(last, i * per_block + int(nz[-1]))
-    return (last + 1) * cs
+            last = max(last, first + int(nz[-1]))
+    return (last + 1) * img.cluster_size
 
 
 def _check_buildable(img: Image) -> None:
