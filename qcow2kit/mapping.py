@@ -149,12 +149,16 @@ def _can_join(a: np.void, b: np.void) -> bool:
     return not (fa & FLAG_OFFSET) or int(a["offset"]) + int(a["length"]) == int(b["offset"])
 
 
-def _file_data_regions(path_or_fd: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Data regions of a file (SEEK_DATA/SEEK_HOLE), as sorted start and end arrays."""
+def _file_data_regions(fd: int, size: int, cap: int | None = None
+                       ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Data regions of a file (SEEK_DATA/SEEK_HOLE), as sorted start and end arrays.
+
+    Returns None when the file has more than ``cap`` regions (the caller
+    then looks regions up per window instead of holding them all).
+    """
     starts: list[int] = []
     ends: list[int] = []
     pos = 0
-    fd = path_or_fd
     while pos < size:
         try:
             d = os.lseek(fd, pos, os.SEEK_DATA)
@@ -163,8 +167,45 @@ def _file_data_regions(path_or_fd: int, size: int) -> tuple[np.ndarray, np.ndarr
         h = os.lseek(fd, d, os.SEEK_HOLE)
         starts.append(d)
         ends.append(h)
+        if cap is not None and len(starts) > cap:
+            return None
         pos = h
     return np.asarray(starts, dtype=np.uint64), np.asarray(ends, dtype=np.uint64)
+
+
+def _regions_for(fd: int, offsets: np.ndarray, ends: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The file's data regions that intersect any of the host ranges [offsets, ends).
+
+    Ranges are visited in host order with a cursor on the current region, so
+    the lseek calls are about two per region met plus one per range that
+    starts past the cursor; memory is proportional to the ranges, not to the
+    file's fragmentation.
+    """
+    order = np.argsort(offsets, kind="stable")
+    big = 1 << 63
+    d = h = -1
+    starts: list[int] = []
+    stops: list[int] = []
+
+    def seek(pos: int) -> tuple[int, int]:
+        try:
+            nd = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            return big, big
+        return nd, os.lseek(fd, nd, os.SEEK_HOLE)
+
+    for o, e in zip(offsets[order].tolist(), ends[order].tolist()):
+        if o >= h:
+            d, h = seek(o)
+        while d < e:
+            if not starts or starts[-1] != d:
+                starts.append(d)
+                stops.append(h)
+            if h >= e:
+                break
+            d, h = seek(h)
+    return np.asarray(starts, dtype=np.uint64), np.asarray(stops, dtype=np.uint64)
 
 
 def _split_by_holes(ext: np.ndarray, mask: np.ndarray, ds: np.ndarray, de: np.ndarray,
@@ -233,19 +274,36 @@ class _Layer:
     depth: int
     backing: "_Layer | None"
     prealloc: bool = False
+    #: most data regions of the file held at once (from the memory budget)
+    region_cap: int = 1 << 16
     regions: tuple[np.ndarray, np.ndarray] | None = None
+    fragmented: bool = False
 
-    def file_regions(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.regions is None:
-            if isinstance(self.img, RawImage):
-                src = self.img.src
-            else:
-                src = self.img.data_source
-            fd = getattr(src, "fd", None)
-            if fd is None:
-                fd = getattr(src, "_pread").fd
-            self.regions = _file_data_regions(fd, src.size)
-        return self.regions
+    def _fd(self) -> int:
+        src = self.img.src if isinstance(self.img, RawImage) else self.img.data_source
+        fd = getattr(src, "fd", None)
+        return fd if fd is not None else getattr(src, "_pread").fd
+
+    def split_by_holes(self, runs: np.ndarray, mask: np.ndarray, *,
+                       hole_clears_data: bool = False) -> np.ndarray:
+        """:func:`_split_by_holes` with this layer's file regions.
+
+        The whole file's region list is kept while it has at most
+        ``region_cap`` regions; a more fragmented file has its regions looked
+        up per window, for the masked runs only.
+        """
+        if not mask.any():
+            return runs
+        if self.regions is None and not self.fragmented:
+            src = self.img.src if isinstance(self.img, RawImage) else self.img.data_source
+            self.regions = _file_data_regions(self._fd(), src.size, self.region_cap)
+            self.fragmented = self.regions is None
+        if self.regions is not None:
+            ds, de = self.regions
+        else:
+            sel = runs[mask]
+            ds, de = _regions_for(self._fd(), sel["offset"], sel["offset"] + sel["length"])
+        return _split_by_holes(runs, mask, ds, de, hole_clears_data=hole_clears_data)
 
 
 def detect_metadata_preallocation(img: Image) -> bool:
@@ -272,10 +330,12 @@ def detect_metadata_preallocation(img: Image) -> bool:
     return False
 
 
-def _make_layers(img: Image | RawImage, depth: int = 0, holes: bool = True) -> _Layer:
+def _make_layers(img: Image | RawImage, depth: int = 0, holes: bool = True,
+                 region_cap: int = 1 << 16) -> _Layer:
     back = img.backing if isinstance(img, Image) else None
     layer = _Layer(img, depth,
-                   _make_layers(back, depth + 1, holes) if back is not None else None)
+                   _make_layers(back, depth + 1, holes, region_cap) if back is not None
+                   else None, region_cap=region_cap)
     if holes and isinstance(img, Image) and not img.encrypted:
         layer.prealloc = detect_metadata_preallocation(img)
     return layer
@@ -381,12 +441,11 @@ def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
     depth = layer.depth
     if isinstance(img, RawImage):
         # The raw driver passes block status to the file: data regions and holes.
-        ds, de = layer.file_regions()
         whole = _runs(np.array([w0], np.uint64), np.array([w1 - w0], np.uint64),
                       np.array([w0], np.uint64), np.array([FLAG_PRESENT | FLAG_DATA | FLAG_OFFSET],
                                                           np.uint8),
                       np.array([T.DATA], np.uint8), np.array([depth], np.uint16))
-        return _split_by_holes(whole, np.ones(1, bool), ds, de, hole_clears_data=True)
+        return layer.split_by_holes(whole, np.ones(1, bool), hole_clears_data=True)
 
     geo = img.geometry
     cb = img.cluster_bits
@@ -460,8 +519,7 @@ def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
     runs = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
     if layer.prealloc:
         normal = (runs["kind"] == T.DATA) & ((runs["flags"] & np.uint8(FLAG_OFFSET)) != 0)
-        ds, de = layer.file_regions()
-        runs = _split_by_holes(runs, normal, ds, de)
+        runs = layer.split_by_holes(runs, normal)
     return runs
 
 
@@ -560,7 +618,9 @@ def resolved_batches(img: Image, start: int = 0, length: int | None = None, *,
         return
     if memory < 64 * 1024:
         raise ValueError(f"memory budget of {memory} bytes is too small (at least 64 KiB)")
-    layers = _make_layers(img, holes=holes)
+    # A file's region list (two uint64 per region, in lists while it is walked: about
+    # 64 bytes each) may take a quarter of the budget before regions go per window.
+    layers = _make_layers(img, holes=holes, region_cap=max(64, memory // 4 // 64))
     # Window: as many guest bytes as the budget allows, in whole top-level L1 entries
     # when at least one fits, else in whole clusters (the table is then kept between
     # windows so it is read once).
