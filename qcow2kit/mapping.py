@@ -142,13 +142,6 @@ def merge(ext: np.ndarray) -> np.ndarray:
     return out
 
 
-def _can_join(a: np.void, b: np.void) -> bool:
-    fa = int(a["flags"]) & MERGE_FLAGS
-    if fa != int(b["flags"]) & MERGE_FLAGS or int(a["depth"]) != int(b["depth"]):
-        return False
-    return not (fa & FLAG_OFFSET) or int(a["offset"]) + int(a["length"]) == int(b["offset"])
-
-
 def _file_data_regions(fd: int, size: int, cap: int | None = None
                        ) -> tuple[np.ndarray, np.ndarray] | None:
     """Data regions of a file (SEEK_DATA/SEEK_HOLE), as sorted start and end arrays.
@@ -651,15 +644,8 @@ def map_batches(img: Image, start: int = 0, length: int | None = None, *,
     """
     held: np.ndarray | None = None
     for runs in resolved_batches(img, start, length, memory=memory):
-        merged = merge(runs)
-        if held is not None:
-            if _can_join(held[0], merged[0]):
-                merged = merged.copy()
-                merged["start"][0] = held["start"][0]
-                merged["offset"][0] = held["offset"][0]
-                merged["length"][0] += held["length"][0]
-            else:
-                yield held
+        # The extent held back from the previous window may continue into this one.
+        merged = merge(runs if held is None else np.concatenate((held, runs)))
         held = merged[-1:].copy()
         if merged.shape[0] > 1:
             yield merged[:-1]

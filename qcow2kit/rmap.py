@@ -18,7 +18,6 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import spec
 from .errors import Qcow2Error, UnsupportedFeatureError
 from .image import Image
 from .writer import ImageWriter
