@@ -65,3 +65,7 @@ class ImageLockedError(Qcow2Error):
 
 class ReadOnlyImageError(Qcow2Error):
     """A write was attempted on an image opened read-only (or marked corrupt)."""
+
+
+class TargetError(Qcow2Error):
+    """The target of a conversion cannot be written safely (it is the source, a device...)."""

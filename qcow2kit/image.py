@@ -154,13 +154,13 @@ def read_header(src: ByteSource) -> Header:
     path = src.path
     if src.size < spec.V2_HEADER_SIZE:
         if src.size >= 4 and src.read_at(0, 4) != spec.QCOW_MAGIC or src.size < 4:
-            raise NotQcow2Error(f"{path}: not a qcow2 image (no qcow2 magic)", field="magic",
+            raise NotQcow2Error(f"{path}: not a qcow2 image", field="magic",
                                 offset=0, path=path)
         raise NotQcow2Error(f"{path}: file of {src.size} bytes is too short for a qcow2 header",
                             field="header", offset=0, path=path)
     raw = src.read_at(0, spec.V2_HEADER_SIZE, field="header")
     if raw[:4] != spec.QCOW_MAGIC:
-        raise NotQcow2Error(f"{path}: not a qcow2 image (no qcow2 magic)", field="magic",
+        raise NotQcow2Error(f"{path}: not a qcow2 image", field="magic",
                             offset=0, path=path)
     h2 = parse(H.HeaderV2, raw, what="header", offset=0)
     if h2.version not in (2, 3):
@@ -929,11 +929,11 @@ class Image:
         except (zlib.error, Exception) as exc:
             if isinstance(exc, Qcow2Error):
                 raise
-            raise CorruptImageError(f"{self.filename}: compressed cluster at {coffset:#x} does "
-                                    f"not decompress: {exc}", field="compressed data",
+            raise CorruptImageError(f"{self.filename}: compressed cluster does not "
+                                    f"decompress: {exc}", field="compressed data",
                                     offset=coffset, path=self.filename) from exc
         if len(out) != cs:
-            raise CorruptImageError(f"{self.filename}: compressed cluster at {coffset:#x} "
+            raise CorruptImageError(f"{self.filename}: compressed cluster "
                                     f"decompresses to {len(out)} bytes, not {cs}",
                                     field="compressed data", offset=coffset, path=self.filename)
         return out

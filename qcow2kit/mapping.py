@@ -594,6 +594,15 @@ def _resolve(layer: _Layer, w0: int, w1: int) -> np.ndarray:
 # --------------------------------------------------------------------------- public API
 
 
+MIN_MEMORY = 64 * 1024
+
+
+def check_memory(memory: int) -> None:
+    """Refuse a memory budget too small to scan with (a ValueError naming it)."""
+    if memory < MIN_MEMORY:
+        raise ValueError(f"memory budget of {memory} bytes is too small (at least 64 KiB)")
+
+
 def resolved_batches(img: Image, start: int = 0, length: int | None = None, *,
                      memory: int = DEFAULT_MEMORY, holes: bool = True) -> Iterator[np.ndarray]:
     """Unmerged runs of ``[start, start+length)``, every layer resolved, window by window.
@@ -609,8 +618,7 @@ def resolved_batches(img: Image, start: int = 0, length: int | None = None, *,
     end = size if length is None else min(size, start + max(length, 0))
     if start >= end:
         return
-    if memory < 64 * 1024:
-        raise ValueError(f"memory budget of {memory} bytes is too small (at least 64 KiB)")
+    check_memory(memory)
     # A file's region list (two uint64 per region, in lists while it is walked: about
     # 64 bytes each) may take a quarter of the budget before regions go per window.
     layers = _make_layers(img, holes=holes, region_cap=max(64, memory // 4 // 64))

@@ -58,7 +58,7 @@ class ByteSource:
         compressed cluster.  The start must still be inside (or at the end of) the file.
         """
         if offset < 0 or length < 0 or offset > self.size:
-            raise OutOfBoundsError(f"{self.path}: {field} at {offset:#x} lies outside the file "
+            raise OutOfBoundsError(f"{self.path}: {field} lies outside the file "
                                    f"of {self.size} bytes", field=field, offset=offset,
                                    path=self.path)
         avail = min(length, self.size - offset)
@@ -73,6 +73,12 @@ class ByteSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_error(exc: OSError, path: str, offset: int, length: int) -> OSError:
+    """``exc`` from a pread, again, naming the file, the offset and the length."""
+    return OSError(exc.errno, f"read error at offset {offset:#x} ({length} bytes): "
+                              f"{exc.strerror or exc}", path)
 
 
 class PreadSource(ByteSource):
@@ -100,10 +106,13 @@ class PreadSource(ByteSource):
         chunks = []
         done = 0
         while done < length:
-            chunk = os.pread(self.fd, length - done, offset + done)
+            try:
+                chunk = os.pread(self.fd, length - done, offset + done)
+            except OSError as exc:
+                raise read_error(exc, self.path, offset + done, length - done) from exc
             self.reads += 1
             if not chunk:
-                raise OutOfBoundsError(f"{self.path}: file shrank while reading at {offset + done:#x}",
+                raise OutOfBoundsError(f"{self.path}: file shrank while reading",
                                        offset=offset + done, path=self.path)
             chunks.append(chunk)
             done += len(chunk)
@@ -114,10 +123,13 @@ class PreadSource(ByteSource):
         done = 0
         length = len(buf)
         while done < length:
-            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            try:
+                n = os.preadv(self.fd, [buf[done:]], offset + done)
+            except OSError as exc:
+                raise read_error(exc, self.path, offset + done, length - done) from exc
             self.reads += 1
             if n <= 0:
-                raise OutOfBoundsError(f"{self.path}: file shrank while reading at {offset + done:#x}",
+                raise OutOfBoundsError(f"{self.path}: file shrank while reading",
                                        offset=offset + done, path=self.path)
             done += n
         self.bytes_read += length

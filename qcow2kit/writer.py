@@ -57,11 +57,33 @@ def lock_conflicts(fd: int, held: Iterable[int], refused: Iterable[int]) -> list
     return out
 
 
+HELD_BY_WRITER = (PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE)
+REFUSED_BY_WRITER = (PERM_WRITE, PERM_RESIZE)
+
+
+def lock_for_writing(fd: int, path: str) -> None:
+    """Take QEMU's locks of a writer on ``fd`` (held: consistent read, write, resize;
+    refused to others: write, resize); raise :class:`ImageLockedError` when another
+    process holds or refuses one of them.  Closing ``fd`` releases the locks."""
+    try:
+        for perm in HELD_BY_WRITER:
+            _flock(fd, _F_OFD_SETLK, fcntl.F_RDLCK, LOCK_PERM_BASE + perm)
+        for perm in REFUSED_BY_WRITER:
+            _flock(fd, _F_OFD_SETLK, fcntl.F_RDLCK, LOCK_SHARED_BASE + perm)
+        conflicts = lock_conflicts(fd, HELD_BY_WRITER, REFUSED_BY_WRITER)
+    except OSError as exc:
+        raise ImageLockedError(f"{path}: cannot take the image locks: {exc.strerror} "
+                               f"(is a QEMU process using the image?)", path=path) from exc
+    if conflicts:
+        raise ImageLockedError(f"{path}: the image is in use ({'; '.join(conflicts)}); "
+                               f"stop the process using it first", path=path)
+
+
 class ImageWriter:
     """A read-write handle on an image, locked like a QEMU writer."""
 
-    HELD = (PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE)
-    REFUSED = (PERM_WRITE, PERM_RESIZE)
+    HELD = HELD_BY_WRITER
+    REFUSED = REFUSED_BY_WRITER
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
@@ -73,20 +95,10 @@ class ImageWriter:
         self._step = 0
         self._stop_at = int(os.environ.get("QCOW2KIT_WRITER_STOP_AT", "0") or 0)
         try:
-            for perm in self.HELD:
-                _flock(self.fd, _F_OFD_SETLK, fcntl.F_RDLCK, LOCK_PERM_BASE + perm)
-            for perm in self.REFUSED:
-                _flock(self.fd, _F_OFD_SETLK, fcntl.F_RDLCK, LOCK_SHARED_BASE + perm)
-            conflicts = lock_conflicts(self.fd, self.HELD, self.REFUSED)
-        except OSError as exc:
+            lock_for_writing(self.fd, self.path)
+        except BaseException:
             os.close(self.fd)
-            raise ImageLockedError(f"{self.path}: cannot take the image locks: {exc.strerror} "
-                                   f"(is a QEMU process using the image?)",
-                                   path=self.path) from exc
-        if conflicts:
-            os.close(self.fd)
-            raise ImageLockedError(f"{self.path}: the image is in use ({'; '.join(conflicts)}); "
-                                   f"stop the process using it first", path=self.path)
+            raise
 
     @property
     def size(self) -> int:
