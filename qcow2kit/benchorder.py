@@ -10,10 +10,9 @@ offset + the file's base = disk position.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -21,7 +20,7 @@ from .diskmodel import CostAccumulator, DiskModel
 from .hostorder import (DEFAULT_MAX_REQUEST, HostOrderPlan, _data_size, _file_name,
                         guest_order_requests)
 from .image import Image
-from .mapping import DEFAULT_MEMORY
+from .mapping import DEFAULT_MEMORY, check_memory
 from .source import ByteSource
 
 
@@ -54,28 +53,6 @@ class OrderResult:
     def as_json(self) -> dict[str, Any]:
         return {"requests": self.requests, "bytes": self.bytes,
                 "model_seconds": self.model_seconds, "measured_seconds": self.measured_seconds}
-
-
-def _drop_cache(sources: list[ByteSource]) -> str:
-    """Make the next reads cold: drop caches (root), else fadvise DONTNEED; say which worked."""
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as fh:
-            fh.write("3\n")
-        return "dropped"
-    except OSError:
-        pass
-    ok = True
-    for src in sources:
-        fd = getattr(src, "fd", None)
-        if fd is None or not hasattr(os, "posix_fadvise"):
-            ok = False
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            ok = False
-    return "fadvise" if ok else "warm"
 
 
 def _cost(batches: Iterable[np.ndarray], bases: list[int], model: DiskModel,
@@ -112,15 +89,26 @@ def _cost(batches: Iterable[np.ndarray], bases: list[int], model: DiskModel,
     return res
 
 
+ColdCache = Callable[[list[ByteSource]], str]
+
+
 def bench_order(img: Image, *, model: DiskModel | None = None, memory: int = DEFAULT_MEMORY,
                 max_request: int = DEFAULT_MAX_REQUEST, measure: bool = True,
-                plot_points: int = 0) -> dict[str, Any]:
+                plot_points: int = 0, make_cold: ColdCache | None = None) -> dict[str, Any]:
     """Model (and measure) reading every stored data byte of ``img`` in guest and host order.
 
     Returns the JSON object of ``qcow2kit bench order``; with ``plot_points``
     it also carries up to that many (request number, disk position) samples
     per order under ``"_samples"`` for a plot.
+
+    The library never drops caches by itself: before each measured order it
+    calls ``make_cold(sources)`` when given (the files read; it returns what
+    it achieved, e.g. "dropped", which the result reports as ``"cache"``);
+    without it the reads are measured as they come ("warm").
     """
+    if max_request < 512:
+        raise ValueError(f"max_request must be at least 512 bytes, not {max_request}")
+    check_memory(memory)
     img._check_readable()
     model = model or DiskModel()
     layers = img.chain()
@@ -148,7 +136,7 @@ def bench_order(img: Image, *, model: DiskModel | None = None, memory: int = DEF
             sample_every = max(1, total // plot_points)
         timed = None
         if measure:
-            cache_state = _drop_cache(sources)
+            cache_state = make_cold(sources) if make_cold is not None else "warm"
             timed = sources
         results[name] = _cost(make(), bases, model, max_request, sample_every, timed, buf)
     total_bytes = results["host"].bytes

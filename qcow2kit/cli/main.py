@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import tempfile
 import textwrap
-from typing import Callable, Sequence
+import threading
+from typing import Callable, NoReturn, Sequence
 
 from .. import __version__
 from ..errors import Qcow2Error
@@ -23,12 +25,51 @@ EXIT_OK = 0
 EXIT_ERROR = 1      # what qemu-img returns for a failed info/convert
 
 
+DEMO_MIN_SIZE = 1 << 20
+DEMO_MAX_SIZE = 16 << 30
+EXIT_SIGINT = 128 + signal.SIGINT     # 130, as a shell reports a process ended by ^C
+EXIT_SIGTERM = 128 + signal.SIGTERM   # 143
+
+
 class CommandError(Exception):
     """A usage or environment error detected by the CLI itself (exit 1)."""
 
 
+class OptionError(CommandError):
+    """An option's value is invalid; the message is prefixed with the command's name."""
+
+
+class UsageError(Exception):
+    """Bad command-line syntax: the parser's message, printed after the command's usage."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks clean up."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits 1 as qemu-img's do (argparse's own is 2).
+
+    Subcommand parsers are made from this class too, so a mistake shows the
+    usage line of the command it was made in.
+    """
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        raise UsageError(self, message)
+
+
 def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    """Options every command takes (also accepted before the command name)."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show a traceback on errors")
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -64,8 +105,15 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         description=textwrap.dedent("""\
             Convert a qcow2 image (with its backing chain and data file) to a raw
             image, as `qemu-img convert -O raw` does: the output has the same bytes,
-            and holes wherever the guest reads zeros (blocks of 4 KiB).  DST is
-            created or truncated.
+            and holes wherever the guest reads zeros (blocks of 4 KiB).  Without -O
+            the output is raw, as with qemu-img.
+
+            Nothing is written until the whole source has opened (backing files,
+            data files) and its tables have been read and checked.  DST is refused
+            when it is the source or any file of its chain (whatever the path), or
+            when a QEMU process uses it; otherwise it is created, or an existing
+            file is truncated.  If the conversion fails or is interrupted (exit 130
+            on ^C, 143 on SIGTERM), a DST this run created is removed.
 
             By default the stored data is read in host-offset order (each file of
             the chain front to back), which turns a fragmented image's random reads
@@ -77,18 +125,22 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
               qcow2kit convert -O raw disk.qcow2 disk.raw
               qcow2kit convert -p -O raw overlay.qcow2 flat.raw
             """))
-    p.add_argument("-O", dest="output_format", required=True, choices=["raw"],
-                   help="output format (only raw)")
+    p.add_argument("-O", dest="output_format", default="raw", choices=["raw"],
+                   help="output format (only raw, the default)")
     p.add_argument("-f", dest="input_format", choices=["qcow2"], default="qcow2",
                    help="input format (only qcow2)")
-    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+    p.add_argument("-p", dest="progress", action="store_true",
+                   help="show a progress bar of the data read and written (ranges that "
+                        "read as zeros are skipped, not counted), then a summary line")
     p.add_argument("--order", choices=["host", "guest"], default="host",
                    help="read the stored data in host-offset order, so a rotating disk reads "
                         "the image front to back (default), or in guest order")
     p.add_argument("--memory", default="32M", metavar="SIZE",
-                   help="memory budget for planning the host-order reads (default 32M)")
-    p.add_argument("-m", dest="inflight", type=int, default=8, metavar="N",
-                   help="reads kept in flight in host order (default 8, as qemu-img's -m)")
+                   help="memory budget for planning the host-order reads (default 32M, "
+                        "at least 64K)")
+    p.add_argument("-m", dest="inflight", default="8", metavar="N",
+                   help="reads kept in flight in host order (1 to 64, default 8, as "
+                        "qemu-img's -m)")
     p.add_argument("--fsync", action="store_true",
                    help="flush DST to disk before exiting (qemu-img convert does not: its "
                         "target cache mode is 'unsafe')")
@@ -156,10 +208,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
             For guest order and host order, count the read requests a reader issues
             for every stored data byte of the image (one pread each, at most
             --max-request bytes), cost them with the rotating-disk model (7200 rpm,
-            see --model), and time the same preads on this machine with a cold page
-            cache: caches are dropped when running as root, else the files are
-            evicted with posix_fadvise(DONTNEED), else the result says the cache was
-            warm.  The sequential bound is the stored bytes at the transfer rate.
+            see --model), and time the same preads on this machine.  The times are
+            taken with the page cache as it is ("cache": "warm") unless
+            --drop-caches is given: then, before each order, the caches of the whole
+            machine are dropped when running as root (sync; echo 3 >
+            /proc/sys/vm/drop_caches, which slows everything else running), else the
+            image's files are evicted with posix_fadvise(DONTNEED).  The sequential
+            bound is the stored bytes at the transfer rate.
 
             JSON: {"guest": {"requests", "bytes", "model_seconds",
             "measured_seconds"}, "host": {...}, "sequential_bound_seconds",
@@ -179,10 +234,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="override disk model parameters, e.g. rpm=5400,transfer_mb_s=150")
     o.add_argument("--no-measure", action="store_true",
                    help="only model; do not read the data")
+    o.add_argument("--drop-caches", action="store_true",
+                   help="measure with a cold page cache: as root, drop the whole machine's "
+                        "caches before each order; otherwise evict the image's files")
     o.add_argument("--memory", default="32M", metavar="SIZE",
                    help="memory budget for planning (default 32M)")
     o.add_argument("--max-request", default="1M", metavar="SIZE",
-                   help="largest single read (default 1M)")
+                   help="largest single read (default 1M, at least 512)")
     o.add_argument("filename", help="the image")
     o.set_defaults(func=cmd_bench_order)
 
@@ -235,34 +293,73 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
             removed afterwards unless --keep is given.
             """),
         epilog="example:\n  qcow2kit demo --size 64M\n")
-    p.add_argument("--size", default="256M", help="virtual size of the sample (default 256M)")
-    p.add_argument("--seed", type=int, default=1, help="shuffle seed (default 1)")
+    p.add_argument("--size", default="256M",
+                   help="virtual size of the sample, 1M to 16G (default 256M)")
+    p.add_argument("--seed", default="1", help="shuffle seed, 0 to 2**32-1 (default 1)")
     p.add_argument("--keep", action="store_true", help="keep the sample image and print its path")
     p.set_defaults(func=cmd_demo)
 
 
-def parse_size(text: str, what: str = "size") -> int:
-    """Parse a size like qemu-img does: a number with an optional k, M, G, T, P, E suffix
-    (powers of 1024), exactly (no float rounding), at most INT64_MAX."""
-    from decimal import Decimal, InvalidOperation
+_SIZE_RE = re.compile(r"\s*(?:(0[xX][0-9a-fA-F]+)|([0-9]+)(?:\.([0-9]*))?)([a-zA-Z]?)\Z")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+               "p": 1 << 50, "e": 1 << 60}
+INT64_MAX = (1 << 63) - 1
 
-    t = text.strip()
-    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-             "p": 1 << 50, "e": 1 << 60}
-    suffix = t[-1:].lower() if t and t[-1].isalpha() else ""
-    num = t[:-1] if suffix else t
+
+def parse_size(text: str, what: str = "size", *, minimum: int = 0,
+               maximum: int = INT64_MAX) -> int:
+    """Parse a size or offset as qemu-img does (QEMU's ``qemu_strtosz``).
+
+    Decimal or ``0x`` hexadecimal, with an optional suffix b, k, M, G, T, P or E
+    (any case; powers of 1024).  A decimal fraction needs a suffix (``1.5k``);
+    like QEMU, the fraction is scaled in binary floating point (``7.9E`` is
+    9108079886394091136, as qemu-img computes it).  Leading blanks are allowed,
+    trailing ones are not.  The result must lie in ``[minimum, maximum]``.
+    """
+    m = _SIZE_RE.match(text)
+    unit = _SIZE_UNITS.get(m.group(4).lower()) if m else None
+    if m is None or unit is None or (m.group(3) is not None and (unit == 1 or m.group(1))):
+        raise OptionError(f"invalid {what} {text!r}: expected a number (decimal or 0x hex) "
+                           f"with an optional k, M, G, T, P or E suffix")
+    if m.group(1):
+        value = int(m.group(1), 16) * unit
+    else:
+        value = int(m.group(2)) * unit
+        if m.group(3):
+            value += int(float("0." + m.group(3)) * unit)
+    if value < minimum or value > maximum:
+        raise OptionError(f"invalid {what} {text!r}: must be between {minimum} and {maximum}")
+    return value
+
+
+def _check_writable_dir(path: str, what: str) -> None:
+    """Fail early (before long work) when ``path`` cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OptionError(f"{what}: {path}: no such directory {folder!r}")
+    if os.path.isdir(path):
+        raise OptionError(f"{what}: {path}: is a directory")
+
+
+def parse_memory(text: str) -> int:
+    """A ``--memory`` budget: a size of at least 64 KiB."""
+    from ..mapping import MIN_MEMORY
+    value = parse_size(text, "memory budget (--memory)")
+    if value < MIN_MEMORY:
+        raise OptionError(f"invalid memory budget (--memory) {text!r}: must be at least 64K "
+                           f"({MIN_MEMORY} bytes)")
+    return value
+
+
+def parse_count(text: str, what: str, lo: int, hi: int) -> int:
+    """A whole number in ``[lo, hi]`` (decimal or 0x hex), for options such as ``-m``."""
     try:
-        value = Decimal(num)
-    except InvalidOperation:
-        raise CommandError(f"invalid {what} {text!r}: expected a number with an optional "
-                           f"k/M/G/T suffix") from None
-    if suffix not in units or not value.is_finite() or value < 0:
-        raise CommandError(f"invalid {what} {text!r}")
-    result = int(value * units[suffix])
-    if result > (1 << 63) - 1:
-        raise CommandError(f"invalid {what} {text!r}: larger than the largest offset "
-                           f"({(1 << 63) - 1})")
-    return result
+        value = int(text, 0)
+    except ValueError:
+        raise OptionError(f"invalid {what} {text!r}: expected a whole number") from None
+    if not lo <= value <= hi:
+        raise OptionError(f"invalid {what} {text!r}: must be between {lo} and {hi}")
+    return value
 
 
 # --------------------------------------------------------------------------- commands
@@ -291,16 +388,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .. import image as image_mod
-    from ..convert import convert_to_raw
+    from ..convert import MAX_INFLIGHT, convert_to_raw
     from . import render
 
+    # Every option is checked before any file is opened.
+    memory = parse_memory(args.memory)
+    inflight = parse_count(args.inflight, "number of reads in flight (-m)", 1, MAX_INFLIGHT)
     with image_mod.Image.open(args.src) as img:
-        with render.progress_bar(img.size, enabled=args.progress) as advance:
-            if args.inflight < 1:
-                raise CommandError("-m: the number of reads in flight must be at least 1")
-            convert_to_raw(img, args.dst, progress=advance, order=args.order,
-                           memory=parse_size(args.memory), inflight=args.inflight,
-                           fsync=args.fsync)
+        with render.progress_bar(enabled=args.progress, what="converted: read and wrote",
+                                 of_size=img.size) as bar:
+            convert_to_raw(img, args.dst, progress=bar, on_total=bar.start, order=args.order,
+                           memory=memory, inflight=inflight, fsync=args.fsync)
     return EXIT_OK
 
 
@@ -312,7 +410,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     start = parse_size(args.start_offset, "start offset")
     max_length = (parse_size(args.max_length, "length") if args.max_length is not None
                   else None)
-    memory = parse_size(args.memory)
+    memory = parse_memory(args.memory)
     with image_mod.Image.open(args.filename) as img:
         if args.order == "host":
             from ..hostorder import map_host_order
@@ -320,7 +418,7 @@ def cmd_map(args: argparse.Namespace) -> int:
                                      include_all=args.all)
         else:
             if args.all:
-                raise CommandError("--all only applies to --order=host (guest order lists "
+                raise OptionError("--all only applies to --order=host (guest order lists "
                                    "every extent already)")
             batches = map_batches(img, start, max_length, memory=memory)
         if args.output == "json":
@@ -331,7 +429,9 @@ def cmd_map(args: argparse.Namespace) -> int:
         else:
             chunks = render.map_human_chunks(batches, layer_filenames(img))
         try:
-            render.emit_chunks(chunks)
+            # Nothing reaches stdout unless the whole map succeeds (qemu-img prints
+            # the lines before an error; a script then sees a truncated map).
+            render.emit_chunks(chunks, all_or_nothing=True)
         except ValueError as exc:  # the human form cannot show data without an offset
             raise CommandError(str(exc)) from None
     return EXIT_OK
@@ -341,17 +441,23 @@ def cmd_bench_order(args: argparse.Namespace) -> int:
     from .. import image as image_mod
     from ..benchorder import bench_order, plot_order
     from ..diskmodel import DiskModel
+    from .cache import make_cold
     from . import render
 
     try:
         model = DiskModel.parse(args.model)
     except ValueError as exc:
-        raise CommandError(f"--model: {exc}") from None
+        raise OptionError(f"--model: {exc}") from None
+    memory = parse_memory(args.memory)
+    max_request = parse_size(args.max_request, "largest read (--max-request)", minimum=512,
+                             maximum=1 << 30)
+    if args.plot:
+        _check_writable_dir(args.plot, "--plot")
     with image_mod.Image.open(args.filename) as img:
-        result = bench_order(img, model=model, memory=parse_size(args.memory),
-                             max_request=parse_size(args.max_request),
+        result = bench_order(img, model=model, memory=memory, max_request=max_request,
                              measure=not args.no_measure,
-                             plot_points=20000 if args.plot else 0)
+                             plot_points=20000 if args.plot else 0,
+                             make_cold=make_cold if args.drop_caches else None)
     if args.plot:
         try:
             plot_order(result, args.plot, title=os.path.basename(args.filename))
@@ -370,7 +476,7 @@ def cmd_rmap(args: argparse.Namespace) -> int:
     from .. import rmap
     from . import render
 
-    memory = parse_size(args.memory)
+    memory = parse_memory(args.memory)
     result: dict = {"filename": args.filename, "action": args.action}
     rc = EXIT_OK
     if args.action == "build":
@@ -402,12 +508,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
     from . import render
 
-    size = parse_size(args.size)
+    size = parse_size(args.size, "size (--size)", minimum=DEMO_MIN_SIZE, maximum=DEMO_MAX_SIZE)
+    size = -(-size // 512) * 512        # QEMU rounds a virtual size up to whole sectors
+    seed = parse_count(args.seed, "seed (--seed)", 0, (1 << 32) - 1)
+    keep_path = os.path.abspath("qcow2kit-sample.qcow2")
+    if args.keep and os.path.lexists(keep_path):
+        raise CommandError(f"{keep_path}: already exists; remove it or run the demo elsewhere "
+                           f"(--keep never overwrites a file)")
     with tempfile.TemporaryDirectory(prefix="qcow2kit-demo-") as tmp:
-        path = os.path.join(tmp, "sample.qcow2")
-        if args.keep:
-            path = os.path.abspath("qcow2kit-sample.qcow2")
-        text, ok = run_demo(path, size=size, seed=args.seed)
+        path = keep_path if args.keep else os.path.join(tmp, "sample.qcow2")
+        text, ok = run_demo(path, size=size, seed=seed)
         render.emit(text)
     return EXIT_OK if ok else EXIT_ERROR
 
@@ -416,7 +526,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qcow2kit", formatter_class=_formatter,
         description=textwrap.dedent("""\
             qcow2kit: look inside qcow2 disk images, with commands whose output and exit
@@ -437,33 +547,91 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_rmap(sub)
     _add_demo(sub)
+    for leaf in _leaf_parsers(parser):
+        if leaf is not parser:
+            _common(leaf)
     return parser
 
 
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser that runs a command (subcommands of subcommands included)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    out: list[argparse.ArgumentParser] = []
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):
+            out.extend(_leaf_parsers(child))
+    return out
+
+
+def _command_parser(parser: argparse.ArgumentParser,
+                    args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command ``args`` was parsed for."""
+    for name in ("command", "bench_command"):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        chosen = getattr(args, name, None)
+        if not subs or chosen is None or chosen not in subs[0].choices:
+            break
+        parser = subs[0].choices[chosen]
+    return parser
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import render
+
     if argv is None and hasattr(signal, "SIGPIPE"):
         # Like qemu-img and other C tools: a closed pipe (`| head`) ends us quietly.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    except UsageError as exc:
+        exc.parser.print_usage(sys.stderr)
+        command = exc.parser.prog.partition(" ")[2]
+        render.error(f"{command}: {exc}" if command else str(exc))
+        return EXIT_ERROR
     if not args.command:
         parser.print_help(sys.stderr)
         return EXIT_ERROR
+    debug = getattr(args, "debug", False)
     func: Callable[[argparse.Namespace], int] = args.func
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return func(args)
     except (Qcow2Error, CommandError, OSError) as exc:
-        if args.debug:
+        if debug:
             raise
-        from . import render
-        render.error(_describe(exc))
+        message = _describe(exc)
+        if isinstance(exc, OptionError):
+            message = f"{_command_parser(parser, args).prog.partition(' ')[2]}: {message}"
+        render.error(message)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return 130
+        if debug:
+            raise
+        render.error("interrupted")
+        return EXIT_SIGINT
+    except Terminated:
+        if debug:
+            raise
+        render.error("terminated")
+        return EXIT_SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.filename is not None:
+    if isinstance(exc, OSError) and not isinstance(exc, Qcow2Error) and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror or exc}"
     return str(exc)
 
