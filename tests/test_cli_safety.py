@@ -369,3 +369,28 @@ def test_read_error_names_file_and_offset(chain, tmp_path):
     finally:
         subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
         fuse.wait(timeout=30)
+
+
+@qemu
+@pytest.mark.parametrize("mode", ["w", "a"])
+def test_map_into_a_file_is_cut_back_on_error(tmp_path, mode):
+    """Output redirected to a file (`>` or `>>`) is streamed, and cut back to what the
+    file held before when the map fails part-way."""
+    img = tmp_path / "late.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", img, "8M"])
+    run(["qemu-io", "-c", "write -P 1 0 1M", "-c", "write -P 2 7M 64k", img])
+    good = tmp_path / "good.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", good, "8M"])
+    run(["qemu-io", "-c", "write -P 1 0 1M", good])
+    _patch_l2_entry(img, 7 * MiB, 0x200)
+    out = tmp_path / "out.txt"
+    out.write_bytes(b"kept from before\n")
+    for path, ok in ((img, False), (good, True)):
+        before = out.read_bytes() if mode == "a" else b""
+        with open(out, mode + "b") as fh:
+            r = subprocess.run([sys.executable, "-m", "qcow2kit", "map", "--output=json",
+                                "--memory=64K", str(path)], stdout=fh, stderr=subprocess.PIPE)
+        want = subprocess.run(["qemu-img", "map", "--output=json", path],
+                              capture_output=True).stdout if ok else b""
+        assert r.returncode == (0 if ok else 1), r.stderr
+        assert out.read_bytes() == before + want

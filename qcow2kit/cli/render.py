@@ -27,6 +27,7 @@ does not know are taken as inserted after the known ones, in dict order).
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -642,14 +643,31 @@ def emit(text: str, stream: Any = None) -> None:
 SPOOL_IN_MEMORY = 16 << 20   # output held in memory before it spills to a temporary file
 
 
+def _regular_file_position(raw: Any) -> int | None:
+    """Where output to ``raw`` starts, when it is a regular file we may cut back."""
+    import fcntl
+    import stat
+    try:
+        fd = raw.fileno()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        raw.flush()
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:   # `>>`: writes go to the end
+            return os.fstat(fd).st_size
+        return os.lseek(fd, 0, os.SEEK_CUR)
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def emit_chunks(chunks: Iterable[bytes], stream: Any = None, *, all_or_nothing: bool = False
                 ) -> None:
     """Write already-encoded output chunks to stdout (or ``stream``).
 
-    By default they are written as they come.  With ``all_or_nothing`` they are
-    kept (in memory up to SPOOL_IN_MEMORY, then in an unlinked temporary file)
-    until ``chunks`` is exhausted, so an error part-way through leaves stdout
-    untouched; only then are they copied out.
+    By default they are written as they come.  With ``all_or_nothing`` an error
+    part-way through leaves stdout as it was: output to a regular file is
+    streamed and cut back on an error; to anything else (a pipe, a terminal) it
+    is kept (in memory up to SPOOL_IN_MEMORY, then in an unlinked temporary
+    file) until ``chunks`` is exhausted, and only then copied out.
     """
     import shutil
     import sys
@@ -664,10 +682,19 @@ def emit_chunks(chunks: Iterable[bytes], stream: Any = None, *, all_or_nothing: 
         else:
             out.write(data.decode("utf-8", "surrogateescape"))
 
-    if not all_or_nothing:
+    start = _regular_file_position(raw) if all_or_nothing else None
+    if not all_or_nothing or start is not None:
+        # Streamed.  Into a regular file, an error cuts the file back to where this
+        # output began, which is the same as never having written it, at no cost.
         try:
             for chunk in chunks:
                 write(chunk)
+        except BaseException:
+            if start is not None:
+                raw.flush()
+                os.ftruncate(raw.fileno(), start)
+                os.lseek(raw.fileno(), start, os.SEEK_SET)
+            raise
         finally:
             if raw is not None:
                 raw.flush()
