@@ -212,7 +212,7 @@ def part_model(img: Path, work: Path, kit: list[str], args: argparse.Namespace, 
                log: Callable[[str], None]) -> dict[str, Any]:
     runs = []
     for rep in range(args.repeat):
-        cmd = [*kit, "bench", "order", "--output=json"]
+        cmd = [*kit, "bench", "order", "--output=json", "--drop-caches"]
         if plot and rep == 0:
             cmd += ["--plot", plot]
         r = run([*cmd, str(img)], work / "order.json", work / "order.err")
