@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
-from .errors import (BackingChainError, CorruptImageError, ImageLockedError, InvalidHeaderError,
-                     NotQcow2Error, OutOfBoundsError, Qcow2Error, ReadOnlyImageError,
-                     UnsupportedFeatureError)
+from .errors import (BackingChainError, BackingFileNotFoundError, CorruptImageError,
+                     DataFileNotFoundError, ImageLockedError, ImageNotFoundError, ImageOpenError,
+                     InvalidHeaderError, NotQcow2Error, OutOfBoundsError, Qcow2Error,
+                     ReadOnlyImageError, UnsupportedFeatureError)
 from .image import Bitmap, Header, Image, RawImage, Segment, Snapshot, open
 
 __version__ = "0.1.0"
@@ -19,5 +20,6 @@ __all__ = [
     "Image", "RawImage", "Header", "Snapshot", "Bitmap", "Segment", "open", "__version__",
     "Qcow2Error", "NotQcow2Error", "InvalidHeaderError", "CorruptImageError",
     "UnsupportedFeatureError", "OutOfBoundsError", "BackingChainError", "ImageLockedError",
-    "ReadOnlyImageError",
+    "ReadOnlyImageError", "ImageOpenError", "ImageNotFoundError", "BackingFileNotFoundError",
+    "DataFileNotFoundError",
 ]

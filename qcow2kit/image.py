@@ -10,6 +10,7 @@ QEMU does, so ``Image.read`` returns the bytes a guest would see.
 
 from __future__ import annotations
 
+import errno
 import os
 import zlib
 from collections import OrderedDict
@@ -21,7 +22,8 @@ import numpy as np
 
 from . import spec
 from . import tables as T
-from .errors import (BackingChainError, CorruptImageError, InvalidHeaderError, NotQcow2Error,
+from .errors import (BackingChainError, BackingFileNotFoundError, CorruptImageError,
+                     DataFileNotFoundError, ImageNotFoundError, InvalidHeaderError, NotQcow2Error,
                      OutOfBoundsError, Qcow2Error, UnsupportedFeatureError)
 from .layout import header as H
 from .layout import parse
@@ -32,6 +34,12 @@ DEFAULT_L2_CACHE_BYTES = 4 * 1024 * 1024
 
 def _align_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
+
+
+def _reason(exc: Qcow2Error) -> str:
+    """``exc``'s message without its leading file name (for wrapping it under another file's)."""
+    prefix = f"{exc.path}: " if exc.path else ""
+    return exc.message[len(prefix):] if prefix and exc.message.startswith(prefix) else exc.message
 
 
 # --------------------------------------------------------------------------- header
@@ -571,9 +579,14 @@ class Image:
                                     offset=8, path=self.filename)
         try:
             src = open_source(name, self._source_kind)
+        except ImageNotFoundError as exc:
+            raise BackingFileNotFoundError(
+                f"{self.filename}: cannot open backing file {name!r}: {exc.strerror}",
+                errno.ENOENT, name, field="backing_file_offset", offset=8,
+                path=self.filename) from exc
         except Qcow2Error as exc:
             raise BackingChainError(f"{self.filename}: cannot open backing file {name!r}: "
-                                    f"{exc.message}", field="backing_file_offset", offset=8,
+                                    f"{_reason(exc)}", field="backing_file_offset", offset=8,
                                     path=self.filename) from exc
         fmt = self.header.backing_format
         if fmt is None:  # probe, as QEMU does when no format is recorded
@@ -617,9 +630,14 @@ class Image:
             assert path is not None
             try:
                 self._data_src = open_source(path, self._source_kind)
+            except ImageNotFoundError as exc:
+                raise DataFileNotFoundError(
+                    f"{self.filename}: cannot open external data file {path!r}: {exc.strerror}",
+                    errno.ENOENT, path, field="data file extension",
+                    offset=self._ext_offset(spec.EXT_DATA_FILE), path=self.filename) from exc
             except Qcow2Error as exc:
                 raise CorruptImageError(f"{self.filename}: cannot open external data file "
-                                        f"{path!r}: {exc.message}", field="data file extension",
+                                        f"{path!r}: {_reason(exc)}", field="data file extension",
                                         offset=self._ext_offset(spec.EXT_DATA_FILE),
                                         path=self.filename) from exc
         return self._data_src

@@ -15,7 +15,7 @@ import os
 import stat
 from typing import Literal
 
-from .errors import OutOfBoundsError, Qcow2Error
+from .errors import ImageNotFoundError, ImageOpenError, OutOfBoundsError, Qcow2Error
 
 SourceKind = Literal["pread", "mmap"]
 
@@ -83,7 +83,7 @@ class PreadSource(ByteSource):
         try:
             self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if fd is None else fd
         except OSError as exc:
-            raise Qcow2Error(f"{self.path}: cannot open: {exc.strerror}", path=self.path) from exc
+            raise open_error(self.path, exc) from exc
         st = os.fstat(self.fd)
         if stat.S_ISBLK(st.st_mode):
             self.size = os.lseek(self.fd, 0, os.SEEK_END)
@@ -150,6 +150,17 @@ class MmapSource(ByteSource):
             self._map.close()
             self._map = None
         self._pread.close()
+
+
+def open_error(path: str, exc: OSError) -> ImageOpenError:
+    """The error for an ``open()`` of ``path`` that failed with ``exc``.
+
+    A missing file gives an :class:`ImageNotFoundError` (a FileNotFoundError
+    too); any other failure an :class:`ImageOpenError` with the same errno.
+    """
+    errno = exc.errno if exc.errno is not None else 0
+    cls = ImageNotFoundError if isinstance(exc, FileNotFoundError) else ImageOpenError
+    return cls(f"{path}: cannot open: {os.strerror(errno)}", errno, path)
 
 
 def open_source(path: str | os.PathLike[str], kind: SourceKind = "pread") -> ByteSource:

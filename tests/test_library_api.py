@@ -1,0 +1,122 @@
+"""The library as a Python developer expects it: errors that are also the OSError a file
+would raise."""
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import factory
+import qcow2kit
+from qcow2kit import (BackingChainError, BackingFileNotFoundError, CorruptImageError,
+                      DataFileNotFoundError, ImageNotFoundError, ImageOpenError, Qcow2Error)
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------
+# Missing files
+
+
+def test_missing_image_is_a_file_not_found_error(tmp_path):
+    path = tmp_path / "nope.qcow2"
+    with pytest.raises(FileNotFoundError) as ei:
+        qcow2kit.open(path)
+    e = ei.value
+    assert isinstance(e, ImageNotFoundError) and isinstance(e, Qcow2Error)
+    assert isinstance(e, ImageOpenError) and isinstance(e, OSError)
+    assert e.errno == errno.ENOENT and e.strerror == os.strerror(errno.ENOENT)
+    assert e.filename == str(path) and e.path == str(path)
+    assert str(e).count(str(path)) == 1 and "No such file or directory" in str(e)
+    with pytest.raises(Qcow2Error):
+        qcow2kit.Image.open(path)                     # still caught as a Qcow2Error
+
+
+def test_other_open_failures_keep_their_errno(tmp_path):
+    with pytest.raises(ImageOpenError) as ei:
+        qcow2kit.open(tmp_path / "nope.qcow2" / "x")  # a path through a missing directory
+    assert isinstance(ei.value, FileNotFoundError)
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(ImageOpenError) as ei:
+        qcow2kit.open(tmp_path / "file" / "x")        # a path through a regular file
+    assert ei.value.errno == errno.ENOTDIR and not isinstance(ei.value, FileNotFoundError)
+    assert isinstance(ei.value, OSError) and isinstance(ei.value, Qcow2Error)
+
+
+def test_open_errors_survive_pickling(tmp_path):
+    with pytest.raises(ImageNotFoundError) as ei:
+        qcow2kit.open(tmp_path / "nope.qcow2")
+    e = pickle.loads(pickle.dumps(ei.value))
+    assert type(e) is ImageNotFoundError and str(e) == str(ei.value)
+    assert (e.errno, e.filename, e.path) == (ei.value.errno, ei.value.filename, ei.value.path)
+
+
+def _chain_without_base(tmp_path: Path) -> tuple[Path, Path]:
+    factory.run([factory.QEMU_IMG, "create", "-q", "-f", "qcow2", tmp_path / "base.qcow2", "1M"])
+    factory.run([factory.QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F",
+                 "qcow2", tmp_path / "top.qcow2"], cwd=tmp_path)
+    (tmp_path / "base.qcow2").unlink()
+    return tmp_path / "top.qcow2", tmp_path / "base.qcow2"
+
+
+@pytest.mark.qemu
+def test_missing_backing_file_is_a_backing_chain_and_file_not_found_error(tmp_path):
+    top, base = _chain_without_base(tmp_path)
+    with qcow2kit.open(top) as img:
+        with pytest.raises(FileNotFoundError) as ei:
+            img.read(0, 4096)
+    e = ei.value
+    assert isinstance(e, BackingFileNotFoundError) and isinstance(e, BackingChainError)
+    assert isinstance(e, ImageNotFoundError) and isinstance(e, Qcow2Error)
+    assert e.errno == errno.ENOENT and e.filename == str(base)   # the file that is missing
+    assert e.path == str(top)                                   # the image that names it
+    assert (e.field, e.offset) == ("backing_file_offset", 8)
+    assert str(e).count(str(base)) == 1 and str(e).startswith(f"{top}: ")
+
+
+@pytest.mark.qemu
+def test_missing_data_file_is_a_file_not_found_error(tmp_path):
+    factory.run([factory.QEMU_IMG, "create", "-q", "-f", "qcow2", "-o",
+                 "data_file=img.data", tmp_path / "img.qcow2", "1M"], cwd=tmp_path)
+    factory.run([factory.QEMU_IO, "-f", "qcow2", "-c", "write 0 64k", "img.qcow2"],
+                cwd=tmp_path)
+    (tmp_path / "img.data").unlink()
+    with qcow2kit.open(tmp_path / "img.qcow2") as img:
+        with pytest.raises(FileNotFoundError) as ei:
+            img.read(0, 4096)
+    e = ei.value
+    assert isinstance(e, DataFileNotFoundError) and isinstance(e, CorruptImageError)
+    assert e.filename == str(tmp_path / "img.data") and e.path == str(tmp_path / "img.qcow2")
+    assert str(e).count("img.data") == 1
+
+
+def _cli(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    return subprocess.run([sys.executable, "-m", "qcow2kit", *argv], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=60)
+
+
+def _assert_names_once(r: subprocess.CompletedProcess[str], name: str) -> None:
+    assert r.returncode == 1, r
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qcow2kit: "), r.stderr
+    assert "Traceback" not in r.stderr and lines[0].count(name) == 1, r.stderr
+    assert "No such file or directory" in lines[0]
+
+
+def test_cli_names_a_missing_image_once(tmp_path):
+    _assert_names_once(_cli(["info", "nope.qcow2"], tmp_path), "nope.qcow2")
+
+
+@pytest.mark.qemu
+def test_cli_names_a_missing_backing_file_once(tmp_path):
+    _chain_without_base(tmp_path)
+    _assert_names_once(_cli(["convert", "-O", "raw", "top.qcow2", "out.raw"], tmp_path),
+                       "base.qcow2")
