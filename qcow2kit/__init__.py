@@ -12,12 +12,14 @@ from .errors import (BackingChainError, BackingFileNotFoundError, CorruptImageEr
                      DataFileNotFoundError, ImageLockedError, ImageNotFoundError, ImageOpenError,
                      InvalidHeaderError, NotQcow2Error, OutOfBoundsError, Qcow2Error,
                      ReadOnlyImageError, UnsupportedFeatureError)
-from .image import Bitmap, Header, Image, RawImage, Segment, Snapshot, open
+from .image import Bitmap, Header, Image, RawImage, Segment, Snapshot, Status, open
+from .tables import ClusterKind
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Image", "RawImage", "Header", "Snapshot", "Bitmap", "Segment", "open", "__version__",
+    "Image", "RawImage", "Header", "Snapshot", "Bitmap", "Segment", "Status", "ClusterKind",
+    "open", "__version__",
     "Qcow2Error", "NotQcow2Error", "InvalidHeaderError", "CorruptImageError",
     "UnsupportedFeatureError", "OutOfBoundsError", "BackingChainError", "ImageLockedError",
     "ReadOnlyImageError", "ImageOpenError", "ImageNotFoundError", "BackingFileNotFoundError",

@@ -426,7 +426,7 @@ class Segment(NamedTuple):
 
     guest: int
     length: int
-    kind: int
+    kind: T.ClusterKind
     host: int = 0
     csize: int = 0
     skip: int = 0
@@ -905,7 +905,7 @@ class Image:
                 e = min(g1, span_end)
                 if s >= e:
                     continue
-                kind = int(units.kind[a])
+                kind = T.KINDS[units.kind[a]]
                 if kind == T.DATA:
                     yield Segment(s, e - s, kind, int(units.host[a]) + (s - g0))
                 elif kind == T.COMPRESSED:
@@ -1039,7 +1039,7 @@ class Status(NamedTuple):
     data: bool
     zero: bool
     depth: int
-    kind: int
+    kind: T.ClusterKind
     layer: "Image | RawImage | None"
 
 

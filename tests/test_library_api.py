@@ -1,5 +1,5 @@
 """The library as a Python developer expects it: errors that are also the OSError a file
-would raise."""
+would raise, and cluster kinds as an enum."""
 from __future__ import annotations
 
 import errno
@@ -9,12 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import factory
 import qcow2kit
-from qcow2kit import (BackingChainError, BackingFileNotFoundError, CorruptImageError,
-                      DataFileNotFoundError, ImageNotFoundError, ImageOpenError, Qcow2Error)
+from qcow2kit import (BackingChainError, BackingFileNotFoundError, ClusterKind,
+                      CorruptImageError, DataFileNotFoundError, ImageNotFoundError,
+                      ImageOpenError, Qcow2Error)
+from qcow2kit import tables as T
+from qcow2kit.image import block_status
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 REPO = Path(__file__).resolve().parent.parent
@@ -120,3 +124,29 @@ def test_cli_names_a_missing_backing_file_once(tmp_path):
     _chain_without_base(tmp_path)
     _assert_names_once(_cli(["convert", "-O", "raw", "top.qcow2", "out.raw"], tmp_path),
                        "base.qcow2")
+
+
+# ------------------------------------------------------------------------------------------
+# Cluster kinds
+
+
+def test_cluster_kinds_are_an_int_enum_with_the_old_names():
+    assert issubclass(ClusterKind, int) and T.ClusterKind is ClusterKind
+    assert [T.UNALLOCATED, T.ZERO, T.DATA, T.COMPRESSED, T.INVALID] == [0, 1, 2, 3, 4]
+    assert T.DATA is ClusterKind.DATA and ClusterKind(3) is ClusterKind.COMPRESSED
+    assert T.KIND_NAMES[ClusterKind.ZERO] == "zero" == ClusterKind.ZERO.label
+    assert T.KIND_NAMES[1] == "zero"                                # plain ints still index it
+    arr = np.array([0, 2, 3], dtype=np.uint8)
+    assert (arr == T.DATA).tolist() == [False, True, False]
+    assert [T.KINDS[v] for v in arr] == [ClusterKind.UNALLOCATED, ClusterKind.DATA,
+                                         ClusterKind.COMPRESSED]
+
+
+def test_segments_and_block_status_carry_enum_members():
+    with qcow2kit.open(FIXTURES / "v2_overlay.qcow2") as img:
+        segs = list(img.segments(0, img.size))
+        assert segs and all(type(s.kind) is ClusterKind for s in segs)
+        assert "ClusterKind." in repr(segs[0])
+        status = list(block_status(img, 0, img.size))
+        assert status and all(type(s.kind) is ClusterKind for s in status)
+        assert {s.kind for s in status} >= {ClusterKind.DATA}
