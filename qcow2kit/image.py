@@ -27,7 +27,7 @@ from .errors import (BackingChainError, BackingFileNotFoundError, CorruptImageEr
                      OutOfBoundsError, Qcow2Error, UnsupportedFeatureError)
 from .layout import header as H
 from .layout import parse
-from .source import ByteSource, SourceKind, open_source
+from .source import ByteSource, SourceKind, closed_error, open_source
 
 DEFAULT_L2_CACHE_BYTES = 4 * 1024 * 1024
 
@@ -443,6 +443,10 @@ class RawImage:
         self.size = src.size
         self.backing = None
 
+    @property
+    def closed(self) -> bool:
+        return self.src.closed
+
     def readinto(self, offset: int, buf: memoryview | bytearray) -> None:
         mv = memoryview(buf).cast("B")
         mv[:] = self.src.read_padded(offset, len(mv), field="raw data")
@@ -452,6 +456,12 @@ class RawImage:
 
     def close(self) -> None:
         self.src.close()
+
+    def __enter__(self) -> "RawImage":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------- image
@@ -511,6 +521,12 @@ class Image:
             raise
 
     def close(self) -> None:
+        """Close the image and its chain; closing twice is harmless.
+
+        Anything that reads afterwards raises ``ValueError("I/O operation on
+        closed image")``, as a closed file does; ``header``, ``size`` and
+        ``filename`` stay available.
+        """
         if self._backing is not None:
             self._backing.close()
             self._backing = None
@@ -518,6 +534,20 @@ class Image:
             self._data_src.close()
             self._data_src = None
         self.src.close()
+        self._l1 = None
+        self._l2_cache.clear()
+        self._l2_cache_used = 0
+        self._dcache.clear()
+        for name in ("snapshots", "bitmaps"):   # cached_property values: read again -> refused
+            self.__dict__.pop(name, None)
+
+    @property
+    def closed(self) -> bool:
+        return self.src.closed
+
+    def _check_open(self) -> None:
+        if self.src.closed:
+            raise closed_error()
 
     def __enter__(self) -> "Image":
         return self
@@ -560,6 +590,7 @@ class Image:
     @property
     def backing(self) -> "Image | RawImage | None":
         """The opened backing image (qcow2 or raw), or None."""
+        self._check_open()
         if not self._backing_opened:
             self._backing_opened = True
             if self._follow_backing and self.header.backing_file:
@@ -623,6 +654,7 @@ class Image:
     @property
     def data_source(self) -> ByteSource:
         """Where data clusters live: the external data file, or the image file itself."""
+        self._check_open()
         if not self.header.has_data_file:
             return self.src
         if self._data_src is None:
@@ -647,6 +679,7 @@ class Image:
     @cached_property
     def snapshots(self) -> list[Snapshot]:
         """The internal snapshots, in table order."""
+        self._check_open()
         hdr = self.header
         path = self.filename
         out: list[Snapshot] = []
@@ -692,6 +725,7 @@ class Image:
     @cached_property
     def bitmaps(self) -> list[Bitmap]:
         """The persistent bitmaps of the bitmap directory (empty when the autoclear bit is off)."""
+        self._check_open()
         ext = self.header.bitmaps_ext
         if ext is None:
             return []
@@ -745,6 +779,10 @@ class Image:
         clusters below it are read.  Block offsets are validated (aligned, in
         the file) before they are read.
         """
+        self._check_open()
+        return self._refcount_blocks(end_cluster)
+
+    def _refcount_blocks(self, end_cluster: int | None) -> Iterator[tuple[int, bytes, int]]:
         h = self.header
         cs = self.cluster_size
         per_block = cs * 8 // h.refcount_bits
@@ -772,6 +810,7 @@ class Image:
     @property
     def l1_table(self) -> np.ndarray:
         """The active L1 table as uint64 entries (loaded on first use)."""
+        self._check_open()
         if self._l1 is None:
             n = self.header.l1_size
             raw = self.src.read_at(self.header.l1_table_offset, n * 8, field="L1 table") if n else b""
@@ -780,7 +819,7 @@ class Image:
 
     def l2_table(self, l1_index: int) -> tuple[np.ndarray, np.ndarray | None] | None:
         """Entry words (and subcluster bitmaps) of the L2 table under ``l1_index``, or None."""
-        l1 = self.l1_table
+        l1 = self.l1_table      # refuses a closed image
         if l1_index >= l1.shape[0]:
             return None
         l2_off = int(l1[l1_index]) & spec.L1E_OFFSET_MASK
@@ -874,6 +913,10 @@ class Image:
         Adjacent DATA units are merged while host-contiguous; each compressed
         cluster is its own segment.  The range is clipped to the virtual size.
         """
+        self._check_open()          # now, not at the first next()
+        return self._segments(offset, length)
+
+    def _segments(self, offset: int, length: int) -> Iterator[Segment]:
         geo = self.geometry
         cb = self.cluster_bits
         span_bits = cb + geo.l2_bits
@@ -935,6 +978,7 @@ class Image:
 
     def inflate(self, coffset: int, csize: int) -> bytes:
         """The cluster stored compressed at ``coffset`` (``csize`` bytes); no cache, thread-safe."""
+        self._check_open()
         # The sector-rounded length may run past EOF: QEMU reads that tail as zeros.
         comp = self.src.read_padded(coffset, csize, field="compressed cluster")
         cs = self.cluster_size
@@ -965,6 +1009,7 @@ class Image:
 
     def readinto(self, offset: int, buf: memoryview | bytearray) -> None:
         """Fill ``buf`` with guest data from ``offset``; the range must lie within the virtual size."""
+        self._check_open()
         mv = memoryview(buf).cast("B")
         length = len(mv)
         if offset < 0 or offset + length > self.size:
@@ -985,7 +1030,16 @@ class Image:
                 dst[:] = bytes(seg.length)
 
     def read(self, offset: int, length: int) -> bytes:
-        """Guest data ``[offset, offset+length)``, exactly as QEMU returns it."""
+        """Guest data ``[offset, offset+length)``, exactly as QEMU returns it.
+
+        The range must lie within the virtual size (``ValueError`` otherwise,
+        raised before anything is allocated).  For large ranges, stream through
+        :class:`qcow2kit.GuestFile` or :meth:`readinto` a buffer of your own.
+        """
+        self._check_open()
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"guest range [{offset}, +{length}) is outside the virtual size "
+                             f"{self.size}")
         buf = bytearray(length)
         self.readinto(offset, buf)
         return bytes(buf)

@@ -19,6 +19,13 @@ from .errors import ImageNotFoundError, ImageOpenError, OutOfBoundsError, Qcow2E
 
 SourceKind = Literal["pread", "mmap"]
 
+CLOSED_MESSAGE = "I/O operation on closed image"
+
+
+def closed_error() -> ValueError:
+    """What any read of a closed image (or of its closed source) raises, as io does."""
+    return ValueError(CLOSED_MESSAGE)
+
 
 class ByteSource:
     """A read-only view of one file with bounds-checked reads."""
@@ -32,8 +39,17 @@ class ByteSource:
     def _readinto(self, offset: int, buf: memoryview) -> None:
         buf[:] = self._read(offset, len(buf))
 
+    @property
+    def closed(self) -> bool:
+        return False
+
     def check_range(self, offset: int, length: int, *, field: str) -> None:
-        """Raise :class:`OutOfBoundsError` unless [offset, offset+length) lies inside the file."""
+        """Raise :class:`OutOfBoundsError` unless [offset, offset+length) lies inside the file.
+
+        A closed source raises ``ValueError`` (see :func:`closed_error`).
+        """
+        if self.closed:
+            raise closed_error()
         if offset < 0 or length < 0 or offset + length > self.size:
             raise OutOfBoundsError(
                 f"{self.path}: {field} [{offset:#x}, +{length:#x}) lies outside the file "
@@ -57,6 +73,8 @@ class ByteSource:
         data of raw backing files and for the sector-rounded tail of a
         compressed cluster.  The start must still be inside (or at the end of) the file.
         """
+        if self.closed:
+            raise closed_error()
         if offset < 0 or length < 0 or offset > self.size:
             raise OutOfBoundsError(f"{self.path}: {field} at {offset:#x} lies outside the file "
                                    f"of {self.size} bytes", field=field, offset=offset,
@@ -122,6 +140,10 @@ class PreadSource(ByteSource):
             done += n
         self.bytes_read += length
 
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -144,6 +166,10 @@ class MmapSource(ByteSource):
     def _readinto(self, offset: int, buf: memoryview) -> None:
         if self._map is not None:
             buf[:] = self._map[offset:offset + len(buf)]
+
+    @property
+    def closed(self) -> bool:
+        return self._pread.closed
 
     def close(self) -> None:
         if self._map is not None:

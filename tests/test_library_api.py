@@ -1,5 +1,6 @@
 """The library as a Python developer expects it: errors that are also the OSError a file
-would raise, and cluster kinds as an enum."""
+would raise, closed images that refuse I/O as closed files do, reads that refuse impossible
+lengths before allocating, and cluster kinds as an enum."""
 from __future__ import annotations
 
 import errno
@@ -19,6 +20,7 @@ from qcow2kit import (BackingChainError, BackingFileNotFoundError, ClusterKind,
                       ImageOpenError, Qcow2Error)
 from qcow2kit import tables as T
 from qcow2kit.image import block_status
+from qcow2kit.sample import make_fragmented_image
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 REPO = Path(__file__).resolve().parent.parent
@@ -150,3 +152,91 @@ def test_segments_and_block_status_carry_enum_members():
         status = list(block_status(img, 0, img.size))
         assert status and all(type(s.kind) is ClusterKind for s in status)
         assert {s.kind for s in status} >= {ClusterKind.DATA}
+
+
+# ------------------------------------------------------------------------------------------
+# Reads that cannot be satisfied are refused before anything is allocated
+
+
+def test_huge_read_is_a_value_error_naming_the_size():
+    with qcow2kit.open(FIXTURES / "plain4k.qcow2") as img:
+        for offset, length in [(0, 1 << 62), (0, img.size + 1), (img.size, 1), (-1, 1),
+                               (0, -1), (1 << 63, 1)]:
+            with pytest.raises(ValueError, match=f"virtual size {img.size}"):
+                img.read(offset, length)
+        assert img.read(img.size, 0) == b""
+        assert img.read(0, img.size) == img.read(0, img.size)
+
+
+# ------------------------------------------------------------------------------------------
+# Closed images
+
+
+def _io_calls(img: qcow2kit.Image) -> dict[str, object]:
+    return {
+        "read": lambda: img.read(0, 1),
+        "readinto": lambda: img.readinto(0, bytearray(1)),
+        "segments": lambda: img.segments(0, 4096),
+        "l1_table": lambda: img.l1_table,
+        "l2_table": lambda: img.l2_table(0),
+        "snapshots": lambda: img.snapshots,
+        "bitmaps": lambda: img.bitmaps,
+        "backing": lambda: img.backing,
+        "chain": lambda: img.chain(),
+        "data_source": lambda: img.data_source,
+        "refcount_blocks": lambda: img.refcount_blocks(),
+        "inflate": lambda: img.inflate(0, 512),
+        "block_status": lambda: list(block_status(img, 0, 4096)),
+    }
+
+
+@pytest.mark.parametrize("fixture", ["plain4k.qcow2", "v2_overlay.qcow2", "zstd.qcow2"])
+def test_every_io_after_close_is_a_value_error(fixture):
+    img = qcow2kit.open(FIXTURES / fixture)
+    for call in _io_calls(img).values():            # fill every cache first
+        try:
+            call()
+        except (Qcow2Error, ValueError):
+            pass
+    img.close()
+    img.close()                                      # twice is fine
+    assert img.closed
+    for name, call in _io_calls(img).items():
+        with pytest.raises(ValueError, match="^I/O operation on closed image$"):
+            call()
+            pytest.fail(f"{name} after close() did not raise")
+    assert img.size > 0 and img.header.version in (2, 3)   # no I/O: still there
+    assert "Image" in repr(img)
+
+
+def test_closing_closes_the_backing_chain():
+    img = qcow2kit.open(FIXTURES / "v2_overlay.qcow2")
+    layers = img.chain()
+    assert len(layers) == 2 and not any(layer.closed for layer in layers)
+    img.close()
+    assert all(layer.closed for layer in layers)
+    with pytest.raises(ValueError, match="closed image"):
+        layers[1].read(0, 1)
+
+
+def test_mapping_of_a_closed_image_is_a_value_error():
+    from qcow2kit.hostorder import read_host_order
+    from qcow2kit.mapping import iter_extents, map_batches
+    img = qcow2kit.open(FIXTURES / "v2_overlay.qcow2")
+    img.close()
+    for call in (lambda: list(iter_extents(img, 0, img.size)), lambda: list(map_batches(img)),
+                 lambda: list(read_host_order(img))):
+        with pytest.raises(ValueError, match="closed image"):
+            call()
+
+
+def test_a_segments_iterator_stops_when_its_image_closes(tmp_path):
+    # 512 B clusters: an L2 table per 32 KiB, so the iterator needs the file again soon
+    info = make_fragmented_image(tmp_path / "s.qcow2", virtual_size=1 << 20, cluster_bits=9,
+                                 fill=0.5, seed=3)
+    img = qcow2kit.open(info.path)
+    it = img.segments(0, img.size)
+    next(it)
+    img.close()
+    with pytest.raises(ValueError, match="closed image"):
+        list(it)
