@@ -1074,9 +1074,20 @@ def _zstd_decompress(comp: bytes, cluster_size: int) -> bytes:
     return bytes(out[:cluster_size]) if len(out) >= cluster_size else bytes(out)
 
 
-def open(path: str | os.PathLike[str], **kwargs: object) -> Image:  # noqa: A001 - like io.open
-    """Open a qcow2 image read-only; see :meth:`Image.open` for the options."""
-    return Image.open(path, **kwargs)  # type: ignore[arg-type]
+def open(path: str | os.PathLike[str], *, source: SourceKind = "pread",  # noqa: A001 - like io.open
+         follow_backing: bool = True, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
+         max_backing_depth: int = spec.MAX_BACKING_DEPTH) -> Image:
+    """Open a qcow2 image read-only and validate its header.
+
+    ``source``: ``"pread"`` (default) or ``"mmap"``, how files are read.
+    ``follow_backing``: open the backing chain when unallocated data is read
+    (False: unallocated ranges read as zeros).  ``l2_cache_bytes``: the L2
+    table cache's budget per image.  ``max_backing_depth``: the longest
+    backing chain accepted.  A missing file raises :class:`ImageNotFoundError`
+    (a :class:`FileNotFoundError` too).
+    """
+    return Image.open(path, source=source, follow_backing=follow_backing,
+                      l2_cache_bytes=l2_cache_bytes, max_backing_depth=max_backing_depth)
 
 
 class Status(NamedTuple):

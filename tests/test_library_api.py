@@ -1,9 +1,10 @@
 """The library as a Python developer expects it: errors that are also the OSError a file
 would raise, closed images that refuse I/O as closed files do, reads that refuse impossible
-lengths before allocating, and cluster kinds as an enum."""
+lengths before allocating, cluster kinds as an enum, and `qcow2kit.open`'s typed options."""
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 import pickle
 import subprocess
@@ -240,3 +241,36 @@ def test_a_segments_iterator_stops_when_its_image_closes(tmp_path):
     img.close()
     with pytest.raises(ValueError, match="closed image"):
         list(it)
+
+
+# ------------------------------------------------------------------------------------------
+# qcow2kit.open
+
+
+def test_open_has_typed_keyword_options():
+    sig = inspect.signature(qcow2kit.open)
+    params = sig.parameters
+    assert list(params) == ["path", "source", "follow_backing", "l2_cache_bytes",
+                            "max_backing_depth"]
+    for name in list(params)[1:]:
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
+        assert params[name].annotation != "object"
+    assert sig.return_annotation in ("Image", qcow2kit.Image)
+    img_sig = inspect.signature(qcow2kit.Image.open)
+    for name in list(params)[1:]:
+        assert params[name].default == img_sig.parameters[name].default
+    with pytest.raises(TypeError):
+        qcow2kit.open(FIXTURES / "plain4k.qcow2", cache=1)    # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        qcow2kit.open(FIXTURES / "plain4k.qcow2", "mmap")     # type: ignore[misc]
+
+
+def test_open_passes_every_option_on():
+    with qcow2kit.open(FIXTURES / "v2_overlay.qcow2", source="mmap", follow_backing=False,
+                       l2_cache_bytes=1, max_backing_depth=3) as img:
+        assert type(img.src).__name__ == "MmapSource"
+        assert img.backing is None and img._max_depth == 3
+        assert img._l2_cache_bytes == img.cluster_size          # at least one table
+    with qcow2kit.open(FIXTURES / "v2_overlay.qcow2", max_backing_depth=0) as img:
+        with pytest.raises(BackingChainError, match="deeper than 0"):
+            img.read(0, img.size)
