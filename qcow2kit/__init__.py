@@ -4,6 +4,8 @@
 >>> with qcow2kit.open("disk.qcow2") as img:          # doctest: +SKIP
 ...     print(img.size, img.cluster_size, img.header.compression_name)
 ...     first_sector = img.read(0, 512)
+>>> with qcow2kit.open_guest("disk.qcow2") as f:      # doctest: +SKIP
+...     mbr = f.read(512)                              # an io.RawIOBase over the guest disk
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from .errors import (BackingChainError, BackingFileNotFoundError, CorruptImageEr
                      DataFileNotFoundError, ImageLockedError, ImageNotFoundError, ImageOpenError,
                      InvalidHeaderError, NotQcow2Error, OutOfBoundsError, Qcow2Error,
                      ReadOnlyImageError, UnsupportedFeatureError)
+from .guestio import GuestFile, open_guest
 from .image import Bitmap, Header, Image, RawImage, Segment, Snapshot, Status, open
 from .tables import ClusterKind
 
@@ -19,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Image", "RawImage", "Header", "Snapshot", "Bitmap", "Segment", "Status", "ClusterKind",
-    "open", "__version__",
+    "open", "GuestFile", "open_guest", "__version__",
     "Qcow2Error", "NotQcow2Error", "InvalidHeaderError", "CorruptImageError",
     "UnsupportedFeatureError", "OutOfBoundsError", "BackingChainError", "ImageLockedError",
     "ReadOnlyImageError", "ImageOpenError", "ImageNotFoundError", "BackingFileNotFoundError",

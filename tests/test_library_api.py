@@ -274,3 +274,13 @@ def test_open_passes_every_option_on():
     with qcow2kit.open(FIXTURES / "v2_overlay.qcow2", max_backing_depth=0) as img:
         with pytest.raises(BackingChainError, match="deeper than 0"):
             img.read(0, img.size)
+
+
+# ------------------------------------------------------------------------------------------
+# The package's names
+
+
+def test_package_exports_the_new_names():
+    for name in ("GuestFile", "open_guest", "ClusterKind", "ImageNotFoundError",
+                 "ImageOpenError", "BackingFileNotFoundError", "DataFileNotFoundError", "Status"):
+        assert name in qcow2kit.__all__ and hasattr(qcow2kit, name)
