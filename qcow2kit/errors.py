@@ -8,6 +8,9 @@ message can point a person at the exact bytes.
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 
 class Qcow2Error(Exception):
     """Root of all qcow2kit errors.
@@ -57,6 +60,47 @@ class OutOfBoundsError(CorruptImageError):
 
 class BackingChainError(Qcow2Error):
     """A backing file cannot be opened, the chain loops or is too deep."""
+
+
+class ImageOpenError(Qcow2Error, OSError):
+    """A file cannot be opened: the image itself, a backing file or an external data file.
+
+    Also an :class:`OSError`, with ``errno``, ``strerror`` and ``filename``
+    (the file that could not be opened) set as ``open()`` would set them, so
+    ``except OSError`` code keeps working.  ``path`` is the image whose
+    operation failed (the top image when a backing file is missing).
+    """
+
+    def __init__(self, message: str, errno: int, filename: str, *, field: str | None = None,
+                 offset: int | None = None, path: str | None = None) -> None:
+        Qcow2Error.__init__(self, message, field=field, offset=offset,
+                            path=path if path is not None else filename)
+        self.errno = errno
+        self.strerror = os.strerror(errno)
+        self.filename = filename
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # OSError's own __reduce__ would call the class with (errno, strerror, filename).
+        return (type(self), (self.message, self.errno, self.filename),
+                {"field": self.field, "offset": self.offset, "path": self.path})
+
+
+class ImageNotFoundError(ImageOpenError, FileNotFoundError):
+    """The image file does not exist (also a :class:`FileNotFoundError`, errno ENOENT)."""
+
+
+class BackingFileNotFoundError(BackingChainError, ImageNotFoundError):
+    """A backing file named by the image does not exist.
+
+    ``filename`` is the missing backing file, ``path`` the image that names it.
+    """
+
+
+class DataFileNotFoundError(CorruptImageError, ImageNotFoundError):
+    """The external data file named by the image does not exist.
+
+    ``filename`` is the missing data file, ``path`` the image that names it.
+    """
 
 
 class ImageLockedError(Qcow2Error):

@@ -10,6 +10,7 @@ QEMU does, so ``Image.read`` returns the bytes a guest would see.
 
 from __future__ import annotations
 
+import errno
 import os
 import zlib
 from collections import OrderedDict
@@ -21,17 +22,24 @@ import numpy as np
 
 from . import spec
 from . import tables as T
-from .errors import (BackingChainError, CorruptImageError, InvalidHeaderError, NotQcow2Error,
+from .errors import (BackingChainError, BackingFileNotFoundError, CorruptImageError,
+                     DataFileNotFoundError, ImageNotFoundError, InvalidHeaderError, NotQcow2Error,
                      OutOfBoundsError, Qcow2Error, UnsupportedFeatureError)
 from .layout import header as H
 from .layout import parse
-from .source import ByteSource, SourceKind, open_source
+from .source import ByteSource, SourceKind, closed_error, open_source
 
 DEFAULT_L2_CACHE_BYTES = 4 * 1024 * 1024
 
 
 def _align_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
+
+
+def _reason(exc: Qcow2Error) -> str:
+    """``exc``'s message without its leading file name (for wrapping it under another file's)."""
+    prefix = f"{exc.path}: " if exc.path else ""
+    return exc.message[len(prefix):] if prefix and exc.message.startswith(prefix) else exc.message
 
 
 # --------------------------------------------------------------------------- header
@@ -418,7 +426,7 @@ class Segment(NamedTuple):
 
     guest: int
     length: int
-    kind: int
+    kind: T.ClusterKind
     host: int = 0
     csize: int = 0
     skip: int = 0
@@ -435,6 +443,10 @@ class RawImage:
         self.size = src.size
         self.backing = None
 
+    @property
+    def closed(self) -> bool:
+        return self.src.closed
+
     def readinto(self, offset: int, buf: memoryview | bytearray) -> None:
         mv = memoryview(buf).cast("B")
         mv[:] = self.src.read_padded(offset, len(mv), field="raw data")
@@ -444,6 +456,12 @@ class RawImage:
 
     def close(self) -> None:
         self.src.close()
+
+    def __enter__(self) -> "RawImage":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------- image
@@ -503,6 +521,12 @@ class Image:
             raise
 
     def close(self) -> None:
+        """Close the image and its chain; closing twice is harmless.
+
+        Anything that reads afterwards raises ``ValueError("I/O operation on
+        closed image")``, as a closed file does; ``header``, ``size`` and
+        ``filename`` stay available.
+        """
         if self._backing is not None:
             self._backing.close()
             self._backing = None
@@ -510,6 +534,20 @@ class Image:
             self._data_src.close()
             self._data_src = None
         self.src.close()
+        self._l1 = None
+        self._l2_cache.clear()
+        self._l2_cache_used = 0
+        self._dcache.clear()
+        for name in ("snapshots", "bitmaps"):   # cached_property values: read again -> refused
+            self.__dict__.pop(name, None)
+
+    @property
+    def closed(self) -> bool:
+        return self.src.closed
+
+    def _check_open(self) -> None:
+        if self.src.closed:
+            raise closed_error()
 
     def __enter__(self) -> "Image":
         return self
@@ -552,6 +590,7 @@ class Image:
     @property
     def backing(self) -> "Image | RawImage | None":
         """The opened backing image (qcow2 or raw), or None."""
+        self._check_open()
         if not self._backing_opened:
             self._backing_opened = True
             if self._follow_backing and self.header.backing_file:
@@ -571,9 +610,14 @@ class Image:
                                     offset=8, path=self.filename)
         try:
             src = open_source(name, self._source_kind)
+        except ImageNotFoundError as exc:
+            raise BackingFileNotFoundError(
+                f"{self.filename}: cannot open backing file {name!r}: {exc.strerror}",
+                errno.ENOENT, name, field="backing_file_offset", offset=8,
+                path=self.filename) from exc
         except Qcow2Error as exc:
             raise BackingChainError(f"{self.filename}: cannot open backing file {name!r}: "
-                                    f"{exc.message}", field="backing_file_offset", offset=8,
+                                    f"{_reason(exc)}", field="backing_file_offset", offset=8,
                                     path=self.filename) from exc
         fmt = self.header.backing_format
         if fmt is None:  # probe, as QEMU does when no format is recorded
@@ -610,6 +654,7 @@ class Image:
     @property
     def data_source(self) -> ByteSource:
         """Where data clusters live: the external data file, or the image file itself."""
+        self._check_open()
         if not self.header.has_data_file:
             return self.src
         if self._data_src is None:
@@ -617,9 +662,14 @@ class Image:
             assert path is not None
             try:
                 self._data_src = open_source(path, self._source_kind)
+            except ImageNotFoundError as exc:
+                raise DataFileNotFoundError(
+                    f"{self.filename}: cannot open external data file {path!r}: {exc.strerror}",
+                    errno.ENOENT, path, field="data file extension",
+                    offset=self._ext_offset(spec.EXT_DATA_FILE), path=self.filename) from exc
             except Qcow2Error as exc:
                 raise CorruptImageError(f"{self.filename}: cannot open external data file "
-                                        f"{path!r}: {exc.message}", field="data file extension",
+                                        f"{path!r}: {_reason(exc)}", field="data file extension",
                                         offset=self._ext_offset(spec.EXT_DATA_FILE),
                                         path=self.filename) from exc
         return self._data_src
@@ -629,6 +679,7 @@ class Image:
     @cached_property
     def snapshots(self) -> list[Snapshot]:
         """The internal snapshots, in table order."""
+        self._check_open()
         hdr = self.header
         path = self.filename
         out: list[Snapshot] = []
@@ -674,6 +725,7 @@ class Image:
     @cached_property
     def bitmaps(self) -> list[Bitmap]:
         """The persistent bitmaps of the bitmap directory (empty when the autoclear bit is off)."""
+        self._check_open()
         ext = self.header.bitmaps_ext
         if ext is None:
             return []
@@ -727,6 +779,10 @@ class Image:
         clusters below it are read.  Block offsets are validated (aligned, in
         the file) before they are read.
         """
+        self._check_open()
+        return self._refcount_blocks(end_cluster)
+
+    def _refcount_blocks(self, end_cluster: int | None) -> Iterator[tuple[int, bytes, int]]:
         h = self.header
         cs = self.cluster_size
         per_block = cs * 8 // h.refcount_bits
@@ -754,6 +810,7 @@ class Image:
     @property
     def l1_table(self) -> np.ndarray:
         """The active L1 table as uint64 entries (loaded on first use)."""
+        self._check_open()
         if self._l1 is None:
             n = self.header.l1_size
             raw = self.src.read_at(self.header.l1_table_offset, n * 8, field="L1 table") if n else b""
@@ -762,7 +819,7 @@ class Image:
 
     def l2_table(self, l1_index: int) -> tuple[np.ndarray, np.ndarray | None] | None:
         """Entry words (and subcluster bitmaps) of the L2 table under ``l1_index``, or None."""
-        l1 = self.l1_table
+        l1 = self.l1_table      # refuses a closed image
         if l1_index >= l1.shape[0]:
             return None
         l2_off = int(l1[l1_index]) & spec.L1E_OFFSET_MASK
@@ -856,6 +913,10 @@ class Image:
         Adjacent DATA units are merged while host-contiguous; each compressed
         cluster is its own segment.  The range is clipped to the virtual size.
         """
+        self._check_open()          # now, not at the first next()
+        return self._segments(offset, length)
+
+    def _segments(self, offset: int, length: int) -> Iterator[Segment]:
         geo = self.geometry
         cb = self.cluster_bits
         span_bits = cb + geo.l2_bits
@@ -887,7 +948,7 @@ class Image:
                 e = min(g1, span_end)
                 if s >= e:
                     continue
-                kind = int(units.kind[a])
+                kind = T.KINDS[units.kind[a]]
                 if kind == T.DATA:
                     yield Segment(s, e - s, kind, int(units.host[a]) + (s - g0))
                 elif kind == T.COMPRESSED:
@@ -917,6 +978,7 @@ class Image:
 
     def inflate(self, coffset: int, csize: int) -> bytes:
         """The cluster stored compressed at ``coffset`` (``csize`` bytes); no cache, thread-safe."""
+        self._check_open()
         # The sector-rounded length may run past EOF: QEMU reads that tail as zeros.
         comp = self.src.read_padded(coffset, csize, field="compressed cluster")
         cs = self.cluster_size
@@ -947,6 +1009,7 @@ class Image:
 
     def readinto(self, offset: int, buf: memoryview | bytearray) -> None:
         """Fill ``buf`` with guest data from ``offset``; the range must lie within the virtual size."""
+        self._check_open()
         mv = memoryview(buf).cast("B")
         length = len(mv)
         if offset < 0 or offset + length > self.size:
@@ -967,7 +1030,16 @@ class Image:
                 dst[:] = bytes(seg.length)
 
     def read(self, offset: int, length: int) -> bytes:
-        """Guest data ``[offset, offset+length)``, exactly as QEMU returns it."""
+        """Guest data ``[offset, offset+length)``, exactly as QEMU returns it.
+
+        The range must lie within the virtual size (``ValueError`` otherwise,
+        raised before anything is allocated).  For large ranges, stream through
+        :class:`qcow2kit.GuestFile` or :meth:`readinto` a buffer of your own.
+        """
+        self._check_open()
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"guest range [{offset}, +{length}) is outside the virtual size "
+                             f"{self.size}")
         buf = bytearray(length)
         self.readinto(offset, buf)
         return bytes(buf)
@@ -1002,9 +1074,20 @@ def _zstd_decompress(comp: bytes, cluster_size: int) -> bytes:
     return bytes(out[:cluster_size]) if len(out) >= cluster_size else bytes(out)
 
 
-def open(path: str | os.PathLike[str], **kwargs: object) -> Image:  # noqa: A001 - like io.open
-    """Open a qcow2 image read-only; see :meth:`Image.open` for the options."""
-    return Image.open(path, **kwargs)  # type: ignore[arg-type]
+def open(path: str | os.PathLike[str], *, source: SourceKind = "pread",  # noqa: A001 - like io.open
+         follow_backing: bool = True, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
+         max_backing_depth: int = spec.MAX_BACKING_DEPTH) -> Image:
+    """Open a qcow2 image read-only and validate its header.
+
+    ``source``: ``"pread"`` (default) or ``"mmap"``, how files are read.
+    ``follow_backing``: open the backing chain when unallocated data is read
+    (False: unallocated ranges read as zeros).  ``l2_cache_bytes``: the L2
+    table cache's budget per image.  ``max_backing_depth``: the longest
+    backing chain accepted.  A missing file raises :class:`ImageNotFoundError`
+    (a :class:`FileNotFoundError` too).
+    """
+    return Image.open(path, source=source, follow_backing=follow_backing,
+                      l2_cache_bytes=l2_cache_bytes, max_backing_depth=max_backing_depth)
 
 
 class Status(NamedTuple):
@@ -1021,7 +1104,7 @@ class Status(NamedTuple):
     data: bool
     zero: bool
     depth: int
-    kind: int
+    kind: T.ClusterKind
     layer: "Image | RawImage | None"
 
 

@@ -15,9 +15,16 @@ import os
 import stat
 from typing import Literal
 
-from .errors import OutOfBoundsError, Qcow2Error
+from .errors import ImageNotFoundError, ImageOpenError, OutOfBoundsError, Qcow2Error
 
 SourceKind = Literal["pread", "mmap"]
+
+CLOSED_MESSAGE = "I/O operation on closed image"
+
+
+def closed_error() -> ValueError:
+    """What any read of a closed image (or of its closed source) raises, as io does."""
+    return ValueError(CLOSED_MESSAGE)
 
 
 class ByteSource:
@@ -32,8 +39,17 @@ class ByteSource:
     def _readinto(self, offset: int, buf: memoryview) -> None:
         buf[:] = self._read(offset, len(buf))
 
+    @property
+    def closed(self) -> bool:
+        return False
+
     def check_range(self, offset: int, length: int, *, field: str) -> None:
-        """Raise :class:`OutOfBoundsError` unless [offset, offset+length) lies inside the file."""
+        """Raise :class:`OutOfBoundsError` unless [offset, offset+length) lies inside the file.
+
+        A closed source raises ``ValueError`` (see :func:`closed_error`).
+        """
+        if self.closed:
+            raise closed_error()
         if offset < 0 or length < 0 or offset + length > self.size:
             raise OutOfBoundsError(
                 f"{self.path}: {field} [{offset:#x}, +{length:#x}) lies outside the file "
@@ -57,6 +73,8 @@ class ByteSource:
         data of raw backing files and for the sector-rounded tail of a
         compressed cluster.  The start must still be inside (or at the end of) the file.
         """
+        if self.closed:
+            raise closed_error()
         if offset < 0 or length < 0 or offset > self.size:
             raise OutOfBoundsError(f"{self.path}: {field} lies outside the file "
                                    f"of {self.size} bytes", field=field, offset=offset,
@@ -89,7 +107,7 @@ class PreadSource(ByteSource):
         try:
             self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if fd is None else fd
         except OSError as exc:
-            raise Qcow2Error(f"{self.path}: cannot open: {exc.strerror}", path=self.path) from exc
+            raise open_error(self.path, exc) from exc
         st = os.fstat(self.fd)
         if stat.S_ISBLK(st.st_mode):
             self.size = os.lseek(self.fd, 0, os.SEEK_END)
@@ -134,6 +152,10 @@ class PreadSource(ByteSource):
             done += n
         self.bytes_read += length
 
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -157,11 +179,26 @@ class MmapSource(ByteSource):
         if self._map is not None:
             buf[:] = self._map[offset:offset + len(buf)]
 
+    @property
+    def closed(self) -> bool:
+        return self._pread.closed
+
     def close(self) -> None:
         if self._map is not None:
             self._map.close()
             self._map = None
         self._pread.close()
+
+
+def open_error(path: str, exc: OSError) -> ImageOpenError:
+    """The error for an ``open()`` of ``path`` that failed with ``exc``.
+
+    A missing file gives an :class:`ImageNotFoundError` (a FileNotFoundError
+    too); any other failure an :class:`ImageOpenError` with the same errno.
+    """
+    errno = exc.errno if exc.errno is not None else 0
+    cls = ImageNotFoundError if isinstance(exc, FileNotFoundError) else ImageOpenError
+    return cls(f"{path}: cannot open: {os.strerror(errno)}", errno, path)
 
 
 def open_source(path: str | os.PathLike[str], kind: SourceKind = "pread") -> ByteSource:

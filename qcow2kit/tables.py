@@ -7,21 +7,44 @@ entry in Python.  Cluster kinds follow QEMU's ``qcow2_get_cluster_type`` and
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import spec
 
-# Kinds of a guest unit (a cluster, or a subcluster with extended L2).
-UNALLOCATED = 0   # read from the backing file, or zeros
-ZERO = 1          # reads as zeros, whatever the backing file holds
-DATA = 2          # stored uncompressed at a host offset
-COMPRESSED = 3    # stored compressed at a host byte offset
-INVALID = 4       # both "allocated" and "reads as zero" set for a subcluster
 
-KIND_NAMES = {UNALLOCATED: "unallocated", ZERO: "zero", DATA: "data",
-              COMPRESSED: "compressed", INVALID: "invalid"}
+class ClusterKind(enum.IntEnum):
+    """Kind of a guest unit (a cluster, or a subcluster with extended L2).
+
+    An ``IntEnum``: the numpy arrays of kinds (``L2Units.kind``, uint8) hold
+    these values, and members compare equal to them.
+    """
+
+    UNALLOCATED = 0   #: read from the backing file, or zeros
+    ZERO = 1          #: reads as zeros, whatever the backing file holds
+    DATA = 2          #: stored uncompressed at a host offset
+    COMPRESSED = 3    #: stored compressed at a host byte offset
+    INVALID = 4       #: both "allocated" and "reads as zero" set for a subcluster
+
+    @property
+    def label(self) -> str:
+        """The lower-case name ("data", "zero", ...)."""
+        return self.name.lower()
+
+
+# Module-level names, as before the enum (and as the rest of the code base spells them).
+UNALLOCATED = ClusterKind.UNALLOCATED
+ZERO = ClusterKind.ZERO
+DATA = ClusterKind.DATA
+COMPRESSED = ClusterKind.COMPRESSED
+INVALID = ClusterKind.INVALID
+
+#: ``ClusterKind`` by value: ``KINDS[int(array_value)]`` (cheaper than calling the enum).
+KINDS: tuple[ClusterKind, ...] = tuple(ClusterKind)
+
+KIND_NAMES = {k: k.label for k in ClusterKind}
 
 _BE64 = np.dtype(">u8")
 

@@ -35,8 +35,9 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qcow2kit import (BackingChainError, CorruptImageError, Image, InvalidHeaderError,
-                      NotQcow2Error, OutOfBoundsError, Qcow2Error, UnsupportedFeatureError)
+from qcow2kit import (BackingChainError, BackingFileNotFoundError, CorruptImageError, Image,
+                      InvalidHeaderError, NotQcow2Error, OutOfBoundsError, Qcow2Error,
+                      UnsupportedFeatureError)
 from qcow2kit.cli.main import main as cli_main
 from qcow2kit.info import image_info
 
@@ -560,7 +561,7 @@ CASES = [
                                                                     p.name),
          BackingChainError, "backing_file_offset", 8, when="read", match="loop"),
     Case("backing-missing", "backing", lambda p: os.unlink(p.parent / "base.qcow2"),
-         BackingChainError, "backing_file_offset", 8, when="read"),
+         BackingFileNotFoundError, "backing_file_offset", 8, when="read"),
     Case("backing-is-a-directory", "backing", lambda p: _backing_name(p, b"."),
          BackingChainError, "backing_file_offset", 8, when="read"),
 ]
