@@ -690,7 +690,7 @@ def emit_chunks(chunks: Iterable[bytes], stream: Any = None, *, all_or_nothing: 
             for chunk in chunks:
                 write(chunk)
         except BaseException:
-            if start is not None:
+            if start is not None and raw is not None:
                 raw.flush()
                 os.ftruncate(raw.fileno(), start)
                 os.lseek(raw.fileno(), start, os.SEEK_SET)
