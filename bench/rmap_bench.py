@@ -33,7 +33,8 @@ import images  # noqa: E402
 from compare_qemu import machine_info, parse_scale, scaled_size, versions  # noqa: E402
 
 import qcow2kit  # noqa: E402
-from qcow2kit import rmap  # noqa: E402
+from qcow2kit.rmap import build as rmap_build  # noqa: E402
+from qcow2kit.rmap.format import RmapInfo  # noqa: E402
 from qcow2kit.hostorder import HostOrderPlan  # noqa: E402
 from qcow2kit.mapping import map_batches  # noqa: E402
 
@@ -60,12 +61,12 @@ def measure(path: Path, repeat: int) -> dict[str, Any]:
             p = HostOrderPlan(img, use_rmap=use, include_holes=True)
             return sum(r.shape[0] for r in p.requests()), p.source
 
-    rmap.drop(path)
+    rmap_build.drop(path)
     res["scan_s"], res["extents"] = timed(scan, repeat)
     res["plan_l2_s"], (res["requests_l2"], _) = timed(lambda: plan(False), repeat)
 
-    def build() -> rmap.RmapInfo:
-        return rmap.build(path)
+    def build() -> RmapInfo:
+        return rmap_build.build(path)
 
     res["build_s"], info = timed(build, repeat)
     res["rmap_bytes"] = info.length

@@ -38,13 +38,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import factory  # tests/ is on sys.path (conftest.py)
-from qcow2kit import benchorder, hostorder
+from qcow2kit import benchorder, hostorder, sort
 from qcow2kit.benchorder import split_requests
 from qcow2kit.cli.main import main as cli_main
 from qcow2kit.convert import convert_to_raw
 from qcow2kit.errors import UnsupportedFeatureError
-from qcow2kit.hostorder import (BYTES_PER_RUN, REQUEST_DTYPE, RUN_DTYPE, HostOrderPlan,
-                                PlanStats, coalesce, read_host_order, zero_ranges)
+from qcow2kit.hostorder import (REQUEST_DTYPE, RUN_DTYPE, HostOrderPlan, coalesce,
+                                read_host_order, zero_ranges)
+from qcow2kit.sort import BYTES_PER_RUN, PlanStats
 from qcow2kit.image import Image
 from qcow2kit.mapping import DEFAULT_MEMORY
 from qcow2kit.sample import KIND_COMPRESSED, KIND_NORMAL, make_fragmented_image
@@ -287,7 +288,7 @@ def test_sorted_runs_on_plan_scan(strategy, sample4k):
         allrows = np.concatenate(list(plan._scan()))
         sizes = [layer.data_source.size for layer in plan.layers]
         stats = PlanStats()
-        batches = list(hostorder.sorted_runs(plan._scan, sizes, memory=32 * KiB, stats=stats,
+        batches = list(sort.sorted_runs(plan._scan, sizes, memory=32 * KiB, stats=stats,
                                              strategy=strategy))
     assert stats.windows == len(batches) > 1
     assert stats.runs == allrows.shape[0]
@@ -300,7 +301,7 @@ def test_sorted_runs_on_plan_scan(strategy, sample4k):
 
 def test_bad_strategy(sample4k):
     with pytest.raises(ValueError, match="strategy"):
-        list(hostorder.sorted_runs(lambda: iter(()), [0], strategy="quick"))
+        list(sort.sorted_runs(lambda: iter(()), [0], memory=MiB, strategy="quick"))
     with Image.open(sample4k[0]) as img, pytest.raises(ValueError, match="strategy"):
         HostOrderPlan(img, strategy="quick")
 
@@ -325,7 +326,7 @@ def test_sorted_runs_property(seed, n, nfiles, memory, strategy, batch, dups):
     parts = [rows[a:a + batch] for a in range(0, n, batch)]
 
     stats = PlanStats()
-    out = list(hostorder.sorted_runs(lambda: iter(parts), sizes, memory=memory, stats=stats,
+    out = list(sort.sorted_runs(lambda: iter(parts), sizes, memory=memory, stats=stats,
                                      strategy=strategy))
     got = np.concatenate(out) if out else np.empty(0, RUN_DTYPE)
     k = _key(got)
@@ -489,7 +490,7 @@ def _sort_peak(n: int, memory: int, strategy: str) -> int:
     tracemalloc.start()
     try:
         count = 0
-        for rows in hostorder.sorted_runs(_random_scan(n), [1 << 34], memory=memory,
+        for rows in sort.sorted_runs(_random_scan(n), [1 << 34], memory=memory,
                                           strategy=strategy):
             count += rows.shape[0]
         peak = tracemalloc.get_traced_memory()[1]

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qcow2kit import rmap
+from qcow2kit.rmap import format as rmap_format
 from qcow2kit.cli.main import main as cli_main
 from qcow2kit.hostorder import HostOrderPlan, read_host_order
 from qcow2kit.image import Image
@@ -686,7 +686,7 @@ def test_cli_entry_point_build_show_verify(tmp_path):
 def test_build_with_little_memory_and_small_chunks(tmp_path, qk, monkeypatch):
     """More runs than a planning window and a record chunk hold: the joins between windows
     and chunks must neither lose, duplicate nor split records."""
-    monkeypatch.setattr(rmap, "CHUNK_RECORDS", 97)
+    monkeypatch.setattr(rmap_format, "CHUNK_RECORDS", 97)   # records() and the builder
     case = make_case("many-runs", tmp_path)
     path = case.path
     size_before = path.stat().st_size

@@ -473,27 +473,28 @@ def cmd_bench_order(args: argparse.Namespace) -> int:
 
 def cmd_rmap(args: argparse.Namespace) -> int:
     from .. import image as image_mod
-    from .. import rmap
+    from ..rmap import build as rmap_build
+    from ..rmap import format as rmap_format
     from . import render
 
     memory = parse_memory(args.memory)
     result: dict = {"filename": args.filename, "action": args.action}
     rc = EXIT_OK
     if args.action == "build":
-        info = rmap.build(args.filename, memory=memory)
+        info = rmap_build.build(args.filename, memory=memory)
         result["rmap"] = info.as_json()
     elif args.action == "drop":
-        result["dropped"] = rmap.drop(args.filename)
+        result["dropped"] = rmap_build.drop(args.filename)
     else:
         with image_mod.Image.open(args.filename, follow_backing=args.action == "verify") as img:
-            info = rmap.status(img)
+            info = rmap_format.status(img)
             if info.valid:
-                info.extra["units"] = sum(int(c.sum()) for _, _, c in rmap.records(img, info))
+                info.extra["units"] = sum(int(c.sum()) for _, _, c in rmap_format.records(img, info))
                 info.extra["clusters"] = info.extra["units"] >> (img.cluster_bits
                                                                  - info.unit_bits)
             result["rmap"] = info.as_json()
             if args.action == "verify":
-                ok, diffs = rmap.verify(img, memory=memory)
+                ok, diffs = rmap_build.verify(img, memory=memory)
                 result["matches"] = ok
                 result["differences"] = diffs
                 rc = EXIT_OK if ok else EXIT_ERROR

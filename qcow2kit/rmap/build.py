@@ -1,10 +1,10 @@
-"""The persistent reverse map (host cluster -> guest cluster), see docs/rmap-extension.md.
+"""Building, dropping and verifying the persistent reverse map.
 
 :func:`build` computes the map from the L2 tables (through the host-order
 planner, so in bounded memory), appends it past the last refcounted cluster
 and publishes it with the ordered, locked writes of :mod:`qcow2kit.writer`;
-:func:`status` decodes and validates it; :func:`records` streams its records;
-:func:`verify` compares it with the L2 tables; :func:`drop` removes it.
+:func:`verify` compares a map with the L2 tables; :func:`drop` removes it.
+The format itself is :mod:`qcow2kit.rmap.format`.
 """
 
 from __future__ import annotations
@@ -13,95 +13,21 @@ import os
 import struct
 import tempfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import Qcow2Error, UnsupportedFeatureError
-from .image import Image
-from .writer import ImageWriter
-
-EXT_RMAP = 0x524D4150
-RMAP_VERSION = 1
-AUTOCLEAR_RMAP = 1 << 32
-EXT_LENGTH = 48
-DATA_MAGIC = b"QKRMAP\0\1"
-DATA_HEADER = 40
-FLAG_DATA_FILE = 1
-_EXT = struct.Struct(">IIQQQQII")
-_DATA_HDR = struct.Struct("<8sBBBBBBBBQQQ")
-COMP_DTYPE = np.dtype([("host", "<u8"), ("guest", "<u8"), ("clen", "<u4")])
-CHUNK_RECORDS = 1 << 16
-
-
-@dataclass
-class RmapInfo:
-    """What an image says about its reverse map."""
-
-    present: bool = False
-    valid: bool = False
-    reason: str = "no reverse map"
-    ext_offset: int | None = None
-    version: int = 0
-    flags: int = 0
-    offset: int = 0
-    length: int = 0
-    nb_records: int = 0
-    l1_table_offset: int = 0
-    l1_crc32: int = 0
-    data_crc32: int = 0
-    cluster_bits: int = 0
-    unit_bits: int = 0
-    widths: tuple[int, int, int] = (0, 0, 0)
-    nb_data_records: int = 0
-    nb_compressed_records: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"present": self.present, "valid": self.valid, "reason": self.reason,
-                "version": self.version, "offset": self.offset, "size": self.length,
-                "data-records": self.nb_data_records,
-                "compressed-records": self.nb_compressed_records,
-                "clusters": self.extra.get("clusters"), "units": self.extra.get("units"),
-                "unit-size": (1 << self.unit_bits) if self.unit_bits else None}
-
-
-# --------------------------------------------------------------------------- encoding
-
-
-def _width(v: int) -> int:
-    return max(1, (max(v, 0).bit_length() + 7) // 8)
-
-
-def _encode(cols: tuple[np.ndarray, ...], widths: tuple[int, ...]) -> bytes:
-    """Fixed-width little-endian fields, row after row."""
-    n = cols[0].shape[0]
-    total = sum(widths)
-    out = np.empty((n, total), dtype=np.uint8)
-    pos = 0
-    for col, w in zip(cols, widths):
-        le = col.astype("<u8").view(np.uint8).reshape(n, 8)
-        out[:, pos:pos + w] = le[:, :w]
-        pos += w
-    return out.tobytes()
-
-
-def _decode(raw: bytes, widths: tuple[int, ...]) -> tuple[np.ndarray, ...]:
-    total = sum(widths)
-    n = len(raw) // total
-    a = np.frombuffer(raw, dtype=np.uint8, count=n * total).reshape(n, total)
-    cols = []
-    pos = 0
-    for w in widths:
-        wide = np.zeros((n, 8), dtype=np.uint8)
-        wide[:, :w] = a[:, pos:pos + w]
-        cols.append(wide.view("<u8").reshape(n).astype(np.uint64))
-        pos += w
-    return tuple(cols)
-
-
-# --------------------------------------------------------------------------- computing
+from .. import tables as T
+from ..errors import Qcow2Error, UnsupportedFeatureError
+from ..hostorder import HostOrderPlan
+from ..image import Image
+from ..writer import ImageWriter
+from . import format as fmt
+from .format import (AUTOCLEAR_RMAP, COMP_DTYPE, DATA_HEADER_STRUCT, DATA_MAGIC,
+                     EXT_RMAP, EXT_STRUCT, FLAG_DATA_FILE, RMAP_VERSION, RmapInfo,
+                     compressed_records, data_intact, encode_records, hosts_from_gaps,
+                     l1_crc, read_extension, records, recorded_size, status, width)
 
 
 @dataclass
@@ -118,8 +44,6 @@ class _Computed:
 
 def _compute(img: Image, memory: int) -> _Computed:
     """Sorted data-run records and compressed records of the top layer, spilled to a temp file."""
-    from .hostorder import HostOrderPlan
-
     geo = img.geometry
     unit_bits = geo.unit_bits
     unit = 1 << unit_bits
@@ -186,116 +110,14 @@ def _spilled_rows(c: _Computed) -> Iterator[np.ndarray]:
     c.spill.seek(0)
     left = c.nb_data
     while left:
-        take = min(CHUNK_RECORDS, left)
+        take = min(fmt.CHUNK_RECORDS, left)
         a = np.fromfile(c.spill, dtype="<u8", count=take * 3).reshape(take, 3)
         left -= take
         yield a
 
 
-# --------------------------------------------------------------------------- reading
-
-
-def _read_ext(img: Image) -> tuple[int | None, bytes | None]:
-    ext = img.header.extension(EXT_RMAP)
-    return (ext.offset, ext.data) if ext is not None else (None, None)
-
-
-def status(img: Image) -> RmapInfo:
-    """Decode the reverse map's extension and data header, and say whether it may be used."""
-    info = RmapInfo()
-    h = img.header
-    ext_off, data = _read_ext(img)
-    bit = bool(h.autoclear_features & AUTOCLEAR_RMAP)
-    if data is None:
-        info.reason = "no reverse map" + (" (the valid bit is set without one)" if bit else "")
-        return info
-    info.present = True
-    info.ext_offset = ext_off
-    if len(data) != EXT_LENGTH:
-        info.reason = f"reverse-map extension has length {len(data)}, expected {EXT_LENGTH}"
-        return info
-    (info.version, info.flags, info.offset, info.length, info.nb_records, info.l1_table_offset,
-     info.l1_crc32, info.data_crc32) = _EXT.unpack(data)
-    if info.version != RMAP_VERSION:
-        info.reason = f"unknown reverse-map version {info.version}"
-        return info
-    if not bit:
-        info.reason = ("stale: the valid bit is clear (the image was opened read-write by a "
-                       "program that does not know the map, e.g. QEMU)")
-        return info
-    if info.length < DATA_HEADER or info.offset + info.length > img.src.size or \
-            info.offset % img.cluster_size:
-        info.reason = "reverse-map data lies outside the file"
-        return info
-    hdr = _DATA_HDR.unpack(img.src.read_at(info.offset, DATA_HEADER, field="rmap data"))
-    magic, cb, ub, hw, gw, cw = hdr[:6]
-    info.cluster_bits, info.unit_bits, info.widths = cb, ub, (hw, gw, cw)
-    info.nb_data_records, info.nb_compressed_records = hdr[9], hdr[10]
-    info.extra["file_size_before"] = hdr[11]
-    if magic != DATA_MAGIC or cb != img.cluster_bits or ub != img.geometry.unit_bits \
-            or not all(1 <= w <= 8 for w in (hw, gw, cw)):
-        info.reason = "reverse-map data header does not match the image"
-        return info
-    expect = DATA_HEADER + info.nb_data_records * (hw + gw + cw) + \
-        info.nb_compressed_records * COMP_DTYPE.itemsize
-    if expect != info.length:
-        info.reason = "reverse-map data length does not match its record counts"
-        return info
-    if h.l1_table_offset != info.l1_table_offset or _l1_crc(img) != info.l1_crc32:
-        info.reason = "stale: the active L1 table changed since the map was built"
-        return info
-    if not _data_intact(img, info):
-        info.reason = "reverse-map data checksum mismatch"
-        return info
-    info.valid = True
-    info.reason = "valid"
-    return info
-
-
-def _l1_crc(img: Image) -> int:
-    n = img.header.l1_size * 8
-    return zlib.crc32(img.src.read_at(img.header.l1_table_offset, n, field="L1 table")) if n else 0
-
-
-def records(img: Image, info: RmapInfo) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Data-run records as (host_unit, guest_unit, count) uint64 arrays, chunk by chunk."""
-    hw, gw, cw = info.widths
-    rec = hw + gw + cw
-    pos = info.offset + DATA_HEADER
-    left = info.nb_data_records
-    prev_end = 0
-    while left:
-        take = min(CHUNK_RECORDS, left)
-        raw = img.src.read_at(pos, take * rec, field="rmap data")
-        gap, guest, count = _decode(raw, (hw, gw, cw))
-        host, prev_end = _hosts_from_gaps(gap, count, prev_end)
-        yield host, guest, count
-        pos += take * rec
-        left -= take
-
-
-def _hosts_from_gaps(gap: np.ndarray, count: np.ndarray, prev_end: int
-                     ) -> tuple[np.ndarray, int]:
-    """Host units of records stored as gaps after the previous record's end; and the new end."""
-    ends = np.cumsum(gap + count) + np.uint64(prev_end)
-    return ends - count, int(ends[-1])
-
-
-def compressed_records(img: Image, info: RmapInfo) -> np.ndarray:
-    hw, gw, cw = info.widths
-    pos = info.offset + DATA_HEADER + info.nb_data_records * (hw + gw + cw)
-    raw = img.src.read_at(pos, info.nb_compressed_records * COMP_DTYPE.itemsize,
-                          field="rmap data")
-    return np.frombuffer(raw, dtype=COMP_DTYPE).copy()
-
-
-# --------------------------------------------------------------------------- writing
-
-
 def _last_refcounted_end(img: Image) -> int:
     """Byte offset just past the last cluster with a non-zero refcount."""
-    from . import tables as T
-
     last = -1
     for first, raw, _ in img.refcount_blocks():
         nz = np.flatnonzero(T.decode_refcount_block(raw, img.header.refcount_order))
@@ -324,17 +146,17 @@ def build(path: str | os.PathLike[str], *, memory: int = 32 << 20) -> RmapInfo:
         drop(path)  # first, so old map data can never be mistaken for the new map
     with ImageWriter(path) as w, Image.open(path, follow_backing=True) as img:
         c = _compute(img, memory)
-        widths = (_width(c.max_gap), _width(c.max_guest), _width(c.max_count))
+        widths = (width(c.max_gap), width(c.max_guest), width(c.max_count))
         cs = img.cluster_size
         where = max(-(-img.src.size // cs) * cs, _last_refcounted_end(img))
-        hdr = _DATA_HDR.pack(DATA_MAGIC, img.cluster_bits, c.unit_bits, *widths, 0, 0, 0,
+        hdr = DATA_HEADER_STRUCT.pack(DATA_MAGIC, img.cluster_bits, c.unit_bits, *widths, 0, 0, 0,
                              c.nb_data, c.comp.shape[0], img.src.size)
         crc = zlib.crc32(hdr)
         pos = where
         w.pwrite(hdr, pos)
         pos += len(hdr)
         for rows in _spilled_rows(c):
-            enc = _encode((rows[:, 0], rows[:, 1], rows[:, 2]), widths)
+            enc = encode_records((rows[:, 0], rows[:, 1], rows[:, 2]), widths)
             w.pwrite(enc, pos)
             crc = zlib.crc32(enc, crc)
             pos += len(enc)
@@ -347,8 +169,8 @@ def build(path: str | os.PathLike[str], *, memory: int = 32 << 20) -> RmapInfo:
         w.sync()
         w.step()                                               # 1: data on disk
         flags = FLAG_DATA_FILE if img.header.has_data_file else 0
-        ext = _EXT.pack(RMAP_VERSION, flags, where, length, c.nb_data + c.comp.shape[0],
-                        img.header.l1_table_offset, _l1_crc(img), crc)
+        ext = EXT_STRUCT.pack(RMAP_VERSION, flags, where, length, c.nb_data + c.comp.shape[0],
+                        img.header.l1_table_offset, l1_crc(img), crc)
         _publish_extension(w, img, ext)                        # 2, 3: extension visible
         auto = img.header.autoclear_features | AUTOCLEAR_RMAP
         w.pwrite(struct.pack(">Q", auto), 88)
@@ -410,7 +232,7 @@ def _publish_extension(w: ImageWriter, img: Image, ext: bytes) -> None:
 
 def _has_ext(path: str) -> bool:
     with Image.open(path, follow_backing=False) as img:
-        return _read_ext(img)[1] is not None
+        return read_extension(img)[1] is not None
 
 
 def drop(path: str | os.PathLike[str]) -> bool:
@@ -418,7 +240,7 @@ def drop(path: str | os.PathLike[str]) -> bool:
     path = os.fspath(path)
     with ImageWriter(path) as w:
         with Image.open(path, follow_backing=False) as img:
-            ext_off, data = _read_ext(img)
+            ext_off, data = read_extension(img)
             auto = img.header.autoclear_features
             v3 = img.header.version >= 3   # a v2 header has no autoclear field at 88
             if data is None:
@@ -427,7 +249,7 @@ def drop(path: str | os.PathLike[str]) -> bool:
                     w.sync()
                 return False
             info = status(img)
-            before = _recorded_size(img, info)
+            before = recorded_size(img, info)
             if v3:
                 w.pwrite(struct.pack(">Q", auto & ~AUTOCLEAR_RMAP), 88)
                 w.sync()
@@ -448,30 +270,12 @@ def drop(path: str | os.PathLike[str]) -> bool:
             # Truncate only a map that is still the intact last thing in the file, with no
             # refcounted cluster inside it (after a QEMU write it may hold QEMU's data).
             if info.offset and info.offset + info.length == w.size and \
-                    info.offset >= _last_refcounted_end(img) and _data_intact(img, info):
+                    info.offset >= _last_refcounted_end(img) and data_intact(img, info):
                 # Back to the size before the build, which may end inside a cluster.
                 w.truncate(before if before is not None and before <= info.offset
                            else info.offset)
                 w.sync()
             return True
-
-
-def _data_intact(img: Image, info: RmapInfo) -> bool:
-    crc = 0
-    pos, end = info.offset, info.offset + info.length
-    while pos < end:
-        n = min(8 << 20, end - pos)
-        crc = zlib.crc32(img.src.read_at(pos, n, field="rmap data"), crc)
-        pos += n
-    return crc == info.data_crc32
-
-
-def _recorded_size(img: Image, info: RmapInfo) -> int | None:
-    """The file size recorded when the map was built, if its data header is still intact."""
-    if not info.offset or info.offset + DATA_HEADER > img.src.size:
-        return None
-    hdr = _DATA_HDR.unpack(img.src.read_at(info.offset, DATA_HEADER, field="rmap data"))
-    return int(hdr[11]) if hdr[0] == DATA_MAGIC else None
 
 
 def verify(img: Image, *, memory: int = 32 << 20, limit: int = 20) -> tuple[bool, list[str]]:
@@ -506,7 +310,7 @@ def _fresh_records(c: _Computed) -> Iterator[tuple[np.ndarray, np.ndarray, np.nd
     for rows in _spilled_rows(c):
         gap, guest, count = (rows[:, 0].astype(np.uint64), rows[:, 1].astype(np.uint64),
                              rows[:, 2].astype(np.uint64))
-        host, prev = _hosts_from_gaps(gap, count, prev)
+        host, prev = hosts_from_gaps(gap, count, prev)
         yield host, guest, count
 
 
