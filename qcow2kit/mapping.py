@@ -25,11 +25,11 @@ unallocated           resolved in the backing file; with none, or past its
                       subcluster of an allocated cluster), not present
 ====================  =====================================================
 
-Like QEMU, an image that looks metadata-preallocated (more clusters with a
-refcount than the file has blocks, see ``qcow2_detect_metadata_preallocation``)
-has the holes of its file reported as zero inside normal clusters; raw
-backing files report their holes as zero the same way.  Encrypted images
-report no host offsets.
+Like QEMU, an image that looks metadata-preallocated (some 10 % more
+clusters in use than the file has clusters' worth of allocated blocks, see
+:func:`detect_metadata_preallocation`) has the holes of its file reported
+as zero inside normal clusters; raw backing files report their holes as
+zero the same way.  Encrypted images report no host offsets.
 """
 
 from __future__ import annotations
@@ -300,11 +300,20 @@ class _Layer:
 
 
 def detect_metadata_preallocation(img: Image) -> bool:
-    """QEMU's qcow2_detect_metadata_preallocation: more referenced clusters than stored ones.
+    """QEMU 7.2's ``qcow2_detect_metadata_preallocation`` (block/qcow2-refcount.c).
 
-    Counts clusters with a non-zero refcount (up to the file length) until
-    the count exceeds ``max(stored * 10 / 9, stored + 2)``, where ``stored``
-    is the number of clusters the file system really holds.
+    ``stored`` is the file's allocation (``st_blocks * 512``, what file-posix
+    reports as its allocated size) in whole clusters, rounded down, and the
+    threshold is ``max(stored * 10 // 9, stored + 2)``.  The count is of the
+    clusters below the end of the file (rounded up to a cluster) whose
+    refcount is not zero: every cluster in use, whoever references it (the
+    header, L1/L2 tables, refcount structures, the snapshot table and the
+    clusters only snapshots reference, data).  The image counts as
+    preallocated as soon as the count *reaches* the threshold (QEMU loops
+    while ``cluster_count < threshold`` and returns ``cluster_count >=
+    threshold``).  ``qcow2_co_block_status`` then sets BDRV_BLOCK_RECURSE on
+    data with an offset, and ``bdrv_co_block_status`` adds the file's ZERO
+    (a hole, or past EOF) to it.
     """
     cs = img.cluster_size
     try:
@@ -318,7 +327,7 @@ def detect_metadata_preallocation(img: Image) -> bool:
     count = 0
     for _, raw, n in img.refcount_blocks(end_cluster):
         count += T.count_nonzero_refcounts(raw, order, n)
-        if count > threshold:
+        if count >= threshold:
             return True
     return False
 
