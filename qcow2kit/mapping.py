@@ -381,15 +381,8 @@ def _read_l2_batch(img: Image, l1_lo: int, l1_hi: int
     stops = np.concatenate((brk, [o.shape[0]]))
     out: list[tuple[int, np.ndarray, np.ndarray | None, int]] = []
     for a, b in zip(starts.tolist(), stops.tolist()):
-        first = int(o[a])
-        try:
-            raw = img.src.read_at(first, (b - a) * cs, field="L2 table")
-        except CorruptImageError as exc:
-            i = int(idx[a]) + l1_lo
-            raise CorruptImageError(f"{img.filename}: L2 table at {first:#x} (L1 index {i}) "
-                                    f"lies beyond the end of the file", field="l1_table_offset",
-                                    offset=img.header.l1_table_offset + 8 * i,
-                                    path=img.filename) from exc
+        # Past the end of the file, QEMU reads the tables as zeros (unallocated entries).
+        raw = img.src.read_padded(int(o[a]), (b - a) * cs, field="L2 table")
         words = T.decode_u64_table(raw)
         per = cs // 8
         for k in range(b - a):
@@ -421,13 +414,7 @@ def _read_l2_slice(img: Image, l1_index: int, first: int, stop: int
                                 offset=img.header.l1_table_offset + 8 * l1_index,
                                 path=img.filename)
     es = geo.entry_size
-    try:
-        raw = img.src.read_at(l2_off + first * es, (stop - first) * es, field="L2 table")
-    except CorruptImageError as exc:
-        raise CorruptImageError(f"{img.filename}: L2 table at {l2_off:#x} (L1 index {l1_index}) "
-                                f"lies beyond the end of the file", field="l1_table_offset",
-                                offset=img.header.l1_table_offset + 8 * l1_index,
-                                path=img.filename) from exc
+    raw = img.src.read_padded(l2_off + first * es, (stop - first) * es, field="L2 table")
     words = T.decode_u64_table(raw)
     if geo.extended:
         return [(l1_index, words[0::2], words[1::2], first)]
