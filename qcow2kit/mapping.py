@@ -314,6 +314,11 @@ def detect_metadata_preallocation(img: Image) -> bool:
     threshold``).  ``qcow2_co_block_status`` then sets BDRV_BLOCK_RECURSE on
     data with an offset, and ``bdrv_co_block_status`` adds the file's ZERO
     (a hole, or past EOF) to it.
+
+    Refcounts are looked up as ``qcow2_get_refcount`` does, which is more
+    lenient than :meth:`Image.refcount_blocks`: a refcount block past the end
+    of the file reads as zeros (a truncated image), and an unaligned one is
+    an error, after which QEMU takes the image as not preallocated.
     """
     cs = img.cluster_size
     try:
@@ -323,10 +328,19 @@ def detect_metadata_preallocation(img: Image) -> bool:
     real_clusters = real_allocation // cs
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
     end_cluster = -(-img.src.size // cs)
-    order = img.header.refcount_order
+    h = img.header
+    per_block = cs * 8 // h.refcount_bits
+    n_entries = min(h.refcount_table_clusters * cs // 8, -(-end_cluster // per_block))
+    table = T.decode_u64_table(img.src.read_at(h.refcount_table_offset, n_entries * 8,
+                                               field="refcount table"))
     count = 0
-    for _, raw, n in img.refcount_blocks(end_cluster):
-        count += T.count_nonzero_refcounts(raw, order, n)
+    for i in np.flatnonzero(table & np.uint64(spec.REFT_OFFSET_MASK)).tolist():
+        block_off = int(table[i]) & spec.REFT_OFFSET_MASK
+        if block_off % cs:
+            return False
+        n = min(per_block, end_cluster - i * per_block)
+        raw = img.src.read_padded(block_off, -(-n * h.refcount_bits // 8), field="refcount block")
+        count += T.count_nonzero_refcounts(raw, h.refcount_order, n)
         if count >= threshold:
             return True
     return False

@@ -165,3 +165,26 @@ def test_map_at_the_preallocation_threshold(threshold_images, capsysbinary, cs, 
     with qcow2kit.open(case.path) as img:
         assert len(img.snapshots) == 2
         assert M.detect_metadata_preallocation(img) is qemu_prealloc
+
+
+@qemu
+def test_unaligned_refcount_block_means_no_preallocation(tmp_path, capsysbinary):
+    """``qcow2_get_refcount`` fails on an unaligned refcount block; the heuristic then returns
+    the error and ``qcow2_co_block_status`` takes it as "not preallocated": a
+    preallocation=metadata image is mapped as plain data, holes and all (QEMU warns on stderr
+    and exits 0).  qcow2kit refused the image instead."""
+    path = tmp_path / "pm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", path.name, "4M",
+             cwd=tmp_path)
+    qemu_io(path, "write -P 1 0 4k")
+    case = image_case("unaligned-refblock", path, 64 * KiB)
+    if not any(e["zero"] and e["data"] for e in factory.qemu_img_map(path)):
+        raise factory.FactoryError("preallocation=metadata: QEMU should see holes as zero")
+    lay = parse_layout(path)
+    with open(path, "r+b") as f:
+        f.seek(lay.reftable_offset)
+        f.write((lay.refblocks[0] + 0x200).to_bytes(8, "big"))
+    rc, out, err = qemu_map_uncached(case)
+    if rc != 0 or b"unaligned" not in err or any(e["zero"] for e in json.loads(out)):
+        raise factory.FactoryError(f"qemu-img map: {rc} {out!r} {err!r}")
+    assert run_cli(capsysbinary, case, "--output=json") == (0, out, b"")

@@ -289,3 +289,48 @@ def test_truncated_image_reads_as_qemu_reads_it(bases, tmp_path, capsysbinary,
         if any(e["zero"] for e in high) != (variant == "holes"):
             raise factory.FactoryError(f"qemu-img map of the {variant} variant: {high}")
     assert run_cli(capsysbinary, case, "--output=json") == (0, qout, b"")
+
+
+# ------------------------------------------------------------------------------------------
+# Cut in the range of a refcount block that lies past the cut
+
+
+@pytest.fixture(scope="module")
+def refblock_base(tmp_path_factory) -> tuple[Path, int]:
+    """4 KiB clusters, 12 MiB written: the second refcount block (clusters from 8 MiB) is
+    allocated after the first data clusters of its own range.  Returns (path, its offset)."""
+    d = tmp_path_factory.mktemp("truncated-refblock")
+    path = d / "rb.qcow2"
+    factory.run([factory.QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k",
+                 path, "64M"])
+    factory.run([factory.QEMU_IO, "-f", "qcow2", "-c", "write -P 0x44 0 12M", path])
+    with open(path, "rb") as f:
+        h = f.read(64)
+        f.seek(struct.unpack(">Q", h[48:56])[0])
+        block = struct.unpack(">2Q", f.read(16))[1] & ~0x1FF
+    per_block = 4 * KiB * 8 // 16       # clusters one refcount block covers (16-bit refcounts)
+    if not per_block * 4 * KiB < block < os.path.getsize(path):
+        raise factory.FactoryError(f"second refcount block at {block:#x}")
+    return path, block
+
+
+@pytest.mark.parametrize("delta", [-16 * KiB, 0, 2 * KiB],
+                         ids=["wholly-past-eof", "from-eof", "partly-past-eof"])
+def test_cut_before_a_refcount_block_maps_and_converts_as_qemu(refblock_base, tmp_path,
+                                                               capsysbinary, delta):
+    """QEMU's preallocation heuristic reads the refcount block covering the last clusters of
+    the file like any other read: past EOF, as zeros.  (qcow2kit refused the block as lying
+    outside the file, so map and convert failed.)"""
+    base, block = refblock_base
+    path = tmp_path / "cut.qcow2"
+    copy_sparse(base, path)
+    os.truncate(path, block + delta)
+    case = image_case("cut-refblock", path, 4 * KiB)
+    qrc, qout, qerr = qemu_map_uncached(case)
+    assert qrc == 0, qerr
+    assert run_cli(capsysbinary, case, "--output=json") == (0, qout, b"")
+    qraw, kraw = tmp_path / "qemu.raw", tmp_path / "qcow2kit.raw"
+    assert qemu_convert(path, qraw)
+    capsysbinary.readouterr()
+    assert cli_main(["convert", "-O", "raw", str(path), str(kraw)]) == 0, capsysbinary.readouterr()
+    assert same_files(kraw, qraw)
