@@ -25,11 +25,11 @@ unallocated           resolved in the backing file; with none, or past its
                       subcluster of an allocated cluster), not present
 ====================  =====================================================
 
-Like QEMU, an image that looks metadata-preallocated (more clusters with a
-refcount than the file has blocks, see ``qcow2_detect_metadata_preallocation``)
-has the holes of its file reported as zero inside normal clusters; raw
-backing files report their holes as zero the same way.  Encrypted images
-report no host offsets.
+Like QEMU, an image that looks metadata-preallocated (some 10 % more
+clusters in use than the file has clusters' worth of allocated blocks, see
+:func:`detect_metadata_preallocation`) has the holes of its file reported
+as zero inside normal clusters; raw backing files report their holes as
+zero the same way.  Encrypted images report no host offsets.
 """
 
 from __future__ import annotations
@@ -300,11 +300,25 @@ class _Layer:
 
 
 def detect_metadata_preallocation(img: Image) -> bool:
-    """QEMU's qcow2_detect_metadata_preallocation: more referenced clusters than stored ones.
+    """QEMU 7.2's ``qcow2_detect_metadata_preallocation`` (block/qcow2-refcount.c).
 
-    Counts clusters with a non-zero refcount (up to the file length) until
-    the count exceeds ``max(stored * 10 / 9, stored + 2)``, where ``stored``
-    is the number of clusters the file system really holds.
+    ``stored`` is the file's allocation (``st_blocks * 512``, what file-posix
+    reports as its allocated size) in whole clusters, rounded down, and the
+    threshold is ``max(stored * 10 // 9, stored + 2)``.  The count is of the
+    clusters below the end of the file (rounded up to a cluster) whose
+    refcount is not zero: every cluster in use, whoever references it (the
+    header, L1/L2 tables, refcount structures, the snapshot table and the
+    clusters only snapshots reference, data).  The image counts as
+    preallocated as soon as the count *reaches* the threshold (QEMU loops
+    while ``cluster_count < threshold`` and returns ``cluster_count >=
+    threshold``).  ``qcow2_co_block_status`` then sets BDRV_BLOCK_RECURSE on
+    data with an offset, and ``bdrv_co_block_status`` adds the file's ZERO
+    (a hole, or past EOF) to it.
+
+    Refcounts are looked up as ``qcow2_get_refcount`` does, which is more
+    lenient than :meth:`Image.refcount_blocks`: a refcount block past the end
+    of the file reads as zeros (a truncated image), and an unaligned one is
+    an error, after which QEMU takes the image as not preallocated.
     """
     cs = img.cluster_size
     try:
@@ -314,11 +328,20 @@ def detect_metadata_preallocation(img: Image) -> bool:
     real_clusters = real_allocation // cs
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
     end_cluster = -(-img.src.size // cs)
-    order = img.header.refcount_order
+    h = img.header
+    per_block = cs * 8 // h.refcount_bits
+    n_entries = min(h.refcount_table_clusters * cs // 8, -(-end_cluster // per_block))
+    table = T.decode_u64_table(img.src.read_at(h.refcount_table_offset, n_entries * 8,
+                                               field="refcount table"))
     count = 0
-    for _, raw, n in img.refcount_blocks(end_cluster):
-        count += T.count_nonzero_refcounts(raw, order, n)
-        if count > threshold:
+    for i in np.flatnonzero(table & np.uint64(spec.REFT_OFFSET_MASK)).tolist():
+        block_off = int(table[i]) & spec.REFT_OFFSET_MASK
+        if block_off % cs:
+            return False
+        n = min(per_block, end_cluster - i * per_block)
+        raw = img.src.read_padded(block_off, -(-n * h.refcount_bits // 8), field="refcount block")
+        count += T.count_nonzero_refcounts(raw, h.refcount_order, n)
+        if count >= threshold:
             return True
     return False
 
@@ -372,15 +395,8 @@ def _read_l2_batch(img: Image, l1_lo: int, l1_hi: int
     stops = np.concatenate((brk, [o.shape[0]]))
     out: list[tuple[int, np.ndarray, np.ndarray | None, int]] = []
     for a, b in zip(starts.tolist(), stops.tolist()):
-        first = int(o[a])
-        try:
-            raw = img.src.read_at(first, (b - a) * cs, field="L2 table")
-        except CorruptImageError as exc:
-            i = int(idx[a]) + l1_lo
-            raise CorruptImageError(f"{img.filename}: L2 table at {first:#x} (L1 index {i}) "
-                                    f"lies beyond the end of the file", field="l1_table_offset",
-                                    offset=img.header.l1_table_offset + 8 * i,
-                                    path=img.filename) from exc
+        # Past the end of the file, QEMU reads the tables as zeros (unallocated entries).
+        raw = img.src.read_padded(int(o[a]), (b - a) * cs, field="L2 table")
         words = T.decode_u64_table(raw)
         per = cs // 8
         for k in range(b - a):
@@ -412,13 +428,7 @@ def _read_l2_slice(img: Image, l1_index: int, first: int, stop: int
                                 offset=img.header.l1_table_offset + 8 * l1_index,
                                 path=img.filename)
     es = geo.entry_size
-    try:
-        raw = img.src.read_at(l2_off + first * es, (stop - first) * es, field="L2 table")
-    except CorruptImageError as exc:
-        raise CorruptImageError(f"{img.filename}: L2 table at {l2_off:#x} (L1 index {l1_index}) "
-                                f"lies beyond the end of the file", field="l1_table_offset",
-                                offset=img.header.l1_table_offset + 8 * l1_index,
-                                path=img.filename) from exc
+    raw = img.src.read_padded(l2_off + first * es, (stop - first) * es, field="L2 table")
     words = T.decode_u64_table(raw)
     if geo.extended:
         return [(l1_index, words[0::2], words[1::2], first)]

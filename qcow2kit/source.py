@@ -69,17 +69,18 @@ class ByteSource:
     def read_padded(self, offset: int, length: int, *, field: str = "data") -> bytes:
         """Read ``length`` bytes, zero-filling whatever lies past the end of the file.
 
-        This is how a file reads in QEMU's file driver beyond EOF; used for the
-        data of raw backing files and for the sector-rounded tail of a
-        compressed cluster.  The start must still be inside (or at the end of) the file.
+        This is how QEMU's block layer reads a file beyond EOF (the request is
+        padded with zeros, whether it starts before the end or past it); used
+        for data clusters, L2 tables, compressed streams and raw backing files.
+        A range wholly past the end costs no read.
         """
         if self.closed:
             raise closed_error()
-        if offset < 0 or length < 0 or offset > self.size:
+        if offset < 0 or length < 0:
             raise OutOfBoundsError(f"{self.path}: {field} lies outside the file "
                                    f"of {self.size} bytes", field=field, offset=offset,
                                    path=self.path)
-        avail = min(length, self.size - offset)
+        avail = max(0, min(length, self.size - offset))
         data = self._read(offset, avail) if avail else b""
         return data + bytes(length - avail) if avail < length else data
 
