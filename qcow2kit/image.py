@@ -24,7 +24,7 @@ from . import spec
 from . import tables as T
 from .errors import (BackingChainError, BackingFileNotFoundError, CorruptImageError,
                      DataFileNotFoundError, ImageNotFoundError, InvalidHeaderError, NotQcow2Error,
-                     OutOfBoundsError, Qcow2Error, UnsupportedFeatureError)
+                     Qcow2Error, UnsupportedFeatureError)
 from .layout import header as H
 from .layout import parse
 from .source import ByteSource, SourceKind, closed_error, open_source
