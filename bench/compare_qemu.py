@@ -11,7 +11,8 @@ Images (built in a fresh temporary directory, removed at the end unless --keep):
 For each image, each measurement is repeated --repeat times (median reported), the order of the
 two commands alternating between repetitions: each command runs as a child with stdout to a file,
 forked by a small launcher process (see LAUNCHER); wall time from fork to reap, peak RSS from
-os.wait4's rusage of that child; outputs compared by SHA-256.  Also times the library scanner (qcow2kit.mapping.map_batches) in a child process, with
+os.wait4's rusage of that child; outputs compared by SHA-256.  Also times the library scanner
+(qcow2kit.mapping.map_batches) in a child process, with
 no output, in clusters per second.  Prints a table; --json FILE writes every figure with the
 machine and the versions.
 

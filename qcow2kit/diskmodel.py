@@ -199,7 +199,8 @@ class DiskModel:
             if not math.isfinite(value):
                 raise DiskModelError(f"{f.name} must be finite, got {value!r}")
             # Store plain Python numbers (JSON-friendly, hashable the same way).
-            plain = int(value) if f.name in _INT_FIELDS or isinstance(value, (int, np.integer)) else float(value)
+            is_int = f.name in _INT_FIELDS or isinstance(value, (int, np.integer))
+            plain = int(value) if is_int else float(value)
             if f.name in _INT_FIELDS and plain != value:
                 raise DiskModelError(f"{f.name} must be a whole number of bytes, got {value!r}")
             object.__setattr__(self, f.name, plain)

@@ -35,7 +35,8 @@ MAX_DATA_FILE_NAME = 1023
 MAX_REFCOUNT_ORDER = 6
 HOST_OFFSET_LIMIT = 1 << 56               # offsets are 56-bit (bits 9..55)
 INT64_MAX = (1 << 63) - 1
-MAX_BACKING_DEPTH = 16                    # our cap on backing chain length (QEMU: none fixed; we refuse loops)
+# our cap on the backing chain's length (QEMU fixes none; loops are refused either way)
+MAX_BACKING_DEPTH = 16
 
 # Encryption methods (crypt_method)
 CRYPT_NONE = 0

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import factory
 import qcow2kit
 from qcow2kit.sample import make_fragmented_image
 

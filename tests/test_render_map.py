@@ -467,7 +467,8 @@ def test_against_qemu_img_ranges(images, map_args):
 def test_qemu_img_quirks(images):
     # empty map: one zero-length entry, also at a start offset past the end
     r = qemu(QEMU_IMG, "map", "--output=json", "empty.qcow2", cwd=images)
-    assert r.stdout == b'[{ "start": 0, "length": 0, "depth": 0, "present": false, "zero": false, "data": false}]\n'
+    assert r.stdout == (b'[{ "start": 0, "length": 0, "depth": 0, "present": false, '
+                        b'"zero": false, "data": false}]\n')
     r = qemu(QEMU_IMG, "map", "--output=json", "--start-offset=8m", "top.qcow2", cwd=images)
     assert r.stdout.startswith(b'[{ "start": 8388608, "length": 0,')
     # the lines before a compressed cluster stay on stdout, exit status 1

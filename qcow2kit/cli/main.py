@@ -506,7 +506,7 @@ def cmd_rmap(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from .demo import run_demo
     from . import render
 
     size = parse_size(args.size, "size (--size)", minimum=DEMO_MIN_SIZE, maximum=DEMO_MAX_SIZE)

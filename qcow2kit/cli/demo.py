@@ -11,10 +11,12 @@ import time
 
 import numpy as np
 
-from . import tables as T
-from .image import Image
-from .info import image_info
-from .sample import make_fragmented_image
+from .. import tables as T
+from ..benchorder import bench_order
+from ..image import Image
+from ..info import image_info
+from ..sample import make_fragmented_image
+from .render import render_info_human
 
 
 def _fmt_bytes(n: int) -> str:
@@ -26,8 +28,6 @@ def _fmt_bytes(n: int) -> str:
 
 def run_demo(path: str, *, size: int = 256 << 20, seed: int = 1) -> tuple[str, bool]:
     """Build the sample at ``path`` and describe it; returns (text, every byte read back right)."""
-    from .cli.render import render_info_human
-
     out: list[str] = []
     t0 = time.perf_counter()
     sample = make_fragmented_image(path, virtual_size=size, seed=seed, fill=0.75,
@@ -73,7 +73,6 @@ def run_demo(path: str, *, size: int = 256 << 20, seed: int = 1) -> tuple[str, b
         out.append("")
 
         # The same data read in host order, on the modelled rotating disk.
-        from .benchorder import bench_order
         r = bench_order(img, measure=False)
         g, h = r["guest"], r["host"]
         out.append("== host-order plan, on a modelled 7200 rpm disk")
