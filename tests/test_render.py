@@ -22,25 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from qcow2kit.cli.render import (
-    QAPI_STRUCTS,
-    QDICT_BUCKET_MAX,
-    map_entry_json,
-    qdict_hash,
-    qdict_order,
-    render_check_human,
-    render_check_json,
-    render_info_chain_human,
-    render_info_chain_json,
-    render_info_human,
-    render_info_json,
-    render_map_human,
-    render_map_json,
-    render_measure_json,
-    render_snapshot_table,
-    size_to_str,
-    to_qemu_json,
-)
+from qcow2kit.cli.render.check import render_check_human, render_check_json, render_measure_json
+from qcow2kit.cli.render.info import (render_info_chain_human, render_info_chain_json,
+                                      render_info_human, render_info_json, render_snapshot_table,
+                                      size_to_str)
+from qcow2kit.cli.render.map import map_entry_json, render_map_human, render_map_json
+from qcow2kit.cli.render.qemujson import (QAPI_STRUCTS, QDICT_BUCKET_MAX, qdict_hash, qdict_order,
+                                          to_qemu_json)
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -299,7 +287,7 @@ def _shuffled(obj, rng: random.Random):
 def _insertion_ordered(obj, type_name):
     """The same value with dicts in QAPI declaration order (what a library builds)."""
     if isinstance(obj, dict) and type_name in QAPI_STRUCTS:
-        from qcow2kit.cli.render import _members
+        from qcow2kit.cli.render.qemujson import _members
         members = dict(_members(obj, type_name))
         out = {}
         for key in [m for m in members if m in obj] + [k for k in obj if k not in members]:
@@ -634,7 +622,7 @@ def test_factory_images_round_trip(request) -> None:
 # ------------------------------------------------------------- stream helpers
 
 def test_emit_error_progress(capfdbinary) -> None:
-    from qcow2kit.cli.render import emit, error, progress_bar
+    from qcow2kit.cli.render.output import emit, error, progress_bar
     emit("a\udcff\n")
     error("bad thing")
     with progress_bar(10, enabled=False) as advance:

@@ -35,8 +35,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qcow2kit.cli import render as R
-from qcow2kit.cli.render import (
+from qcow2kit.cli.render import map as R
+from qcow2kit.cli.render.map import (
     EXTENT_DTYPE,
     MAP_HUMAN_ERROR,
     MAP_HUMAN_HEADER,

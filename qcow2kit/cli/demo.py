@@ -16,7 +16,7 @@ from ..benchorder import bench_order
 from ..image import Image
 from ..info import image_info
 from ..sample import make_fragmented_image
-from .render import render_info_human
+from .render.info import render_info_human
 
 
 def _fmt_bytes(n: int) -> str:

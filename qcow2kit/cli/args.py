@@ -1,0 +1,118 @@
+"""What every command shares: exit codes, the errors the CLI raises, the parser
+class (usage errors exit 1, as qemu-img's), and qemu-img's forms of numbers."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+from typing import NoReturn
+
+EXIT_OK = 0
+EXIT_ERROR = 1      # what qemu-img returns for a failed info/convert
+EXIT_SIGINT = 128 + signal.SIGINT     # 130, as a shell reports a process ended by ^C
+EXIT_SIGTERM = 128 + signal.SIGTERM   # 143
+
+
+class CommandError(Exception):
+    """A usage or environment error detected by the CLI itself (exit 1)."""
+
+
+class OptionError(CommandError):
+    """An option's value is invalid; the message is prefixed with the command's name."""
+
+
+class UsageError(Exception):
+    """Bad command-line syntax: the parser's message, printed after the command's usage."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks clean up."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits 1 as qemu-img's do (argparse's own is 2).
+
+    Subcommand parsers are made from this class too, so a mistake shows the
+    usage line of the command it was made in.
+    """
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        raise UsageError(self, message)
+
+
+def help_formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    """Options every command takes (also accepted before the command name)."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show a traceback on errors")
+
+
+_SIZE_RE = re.compile(r"\s*(?:(0[xX][0-9a-fA-F]+)|([0-9]+)(?:\.([0-9]*))?)([a-zA-Z]?)\Z")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+               "p": 1 << 50, "e": 1 << 60}
+INT64_MAX = (1 << 63) - 1
+
+
+def parse_size(text: str, what: str = "size", *, minimum: int = 0,
+               maximum: int = INT64_MAX) -> int:
+    """Parse a size or offset as qemu-img does (QEMU's ``qemu_strtosz``).
+
+    Decimal or ``0x`` hexadecimal, with an optional suffix b, k, M, G, T, P or E
+    (any case; powers of 1024).  A decimal fraction needs a suffix (``1.5k``);
+    like QEMU, the fraction is scaled in binary floating point (``7.9E`` is
+    9108079886394091136, as qemu-img computes it).  Leading blanks are allowed,
+    trailing ones are not.  The result must lie in ``[minimum, maximum]``.
+    """
+    m = _SIZE_RE.match(text)
+    unit = _SIZE_UNITS.get(m.group(4).lower()) if m else None
+    if m is None or unit is None or (m.group(3) is not None and (unit == 1 or m.group(1))):
+        raise OptionError(f"invalid {what} {text!r}: expected a number (decimal or 0x hex) "
+                           f"with an optional k, M, G, T, P or E suffix")
+    if m.group(1):
+        value = int(m.group(1), 16) * unit
+    else:
+        value = int(m.group(2)) * unit
+        if m.group(3):
+            value += int(float("0." + m.group(3)) * unit)
+    if value < minimum or value > maximum:
+        raise OptionError(f"invalid {what} {text!r}: must be between {minimum} and {maximum}")
+    return value
+
+
+def check_writable_dir(path: str, what: str) -> None:
+    """Fail early (before long work) when ``path`` cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OptionError(f"{what}: {path}: no such directory {folder!r}")
+    if os.path.isdir(path):
+        raise OptionError(f"{what}: {path}: is a directory")
+
+
+def parse_memory(text: str) -> int:
+    """A ``--memory`` budget: a size of at least 64 KiB."""
+    from ..mapping import MIN_MEMORY
+    value = parse_size(text, "memory budget (--memory)")
+    if value < MIN_MEMORY:
+        raise OptionError(f"invalid memory budget (--memory) {text!r}: must be at least 64K "
+                           f"({MIN_MEMORY} bytes)")
+    return value
+
+
+def parse_count(text: str, what: str, lo: int, hi: int) -> int:
+    """A whole number in ``[lo, hi]`` (decimal or 0x hex), for options such as ``-m``."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise OptionError(f"invalid {what} {text!r}: expected a whole number") from None
+    if not lo <= value <= hi:
+        raise OptionError(f"invalid {what} {text!r}: must be between {lo} and {hi}")
+    return value
