@@ -38,8 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import images  # noqa: E402  (bench/ is not a package: see bench/README.md)
+from bench import images
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20

@@ -42,9 +42,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import compare_qemu as cq  # noqa: E402  (bench/ is not a package: see bench/README.md)
-import images  # noqa: E402
+from bench import compare_qemu as cq
+from bench import images
 
 REPO = cq.REPO
 MiB = cq.MiB

@@ -28,15 +28,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import images  # noqa: E402
-from compare_qemu import machine_info, parse_scale, scaled_size, versions  # noqa: E402
+from bench import images
+from bench.compare_qemu import machine_info, parse_scale, scaled_size, versions
 
-import qcow2kit  # noqa: E402
-from qcow2kit.rmap import build as rmap_build  # noqa: E402
-from qcow2kit.rmap.format import RmapInfo  # noqa: E402
-from qcow2kit.hostorder import HostOrderPlan  # noqa: E402
-from qcow2kit.mapping import map_batches  # noqa: E402
+import qcow2kit
+from qcow2kit.rmap import build as rmap_build
+from qcow2kit.rmap.format import RmapInfo
+from qcow2kit.hostorder import HostOrderPlan
+from qcow2kit.mapping import map_batches
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:

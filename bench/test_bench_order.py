@@ -17,15 +17,13 @@ import filecmp
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import images  # noqa: E402
-import order_bench  # noqa: E402
+from bench import images
+from bench import order_bench
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None,
                                 reason="qemu-img not found (apt-get install qemu-utils)")
