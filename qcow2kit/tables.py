@@ -164,7 +164,7 @@ def subcluster_bitmap(alloc: np.ndarray, zero: np.ndarray) -> np.ndarray:
     return a | (z << np.uint64(32))
 
 
-def encode_units(units: "L2Units", geo: L2Geometry, copied: bool = True
+def encode_units(units: L2Units, geo: L2Geometry, copied: bool = True
                  ) -> tuple[np.ndarray, np.ndarray | None]:
     """Entry words (and bitmaps) that :func:`classify` decodes into ``units``.
 

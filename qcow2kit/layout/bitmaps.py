@@ -11,8 +11,8 @@ are plain 64-bit tables (``qcow2kit.tables.decode_u64_table`` and
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from ..errors import CorruptImageError
 from . import parse
@@ -83,5 +83,11 @@ def encode_bitmap_directory(entries: Iterable[BitmapDirEntry]) -> bytes:
     return b"".join(encode_bitmap_dir_entry(e) for e in entries)
 
 
-__all__ = ["BitmapDirEntry", "BITMAP_DIR_ENTRY_FIXED", "decode_bitmap_dir_entry",
-           "decode_bitmap_directory", "encode_bitmap_dir_entry", "encode_bitmap_directory"]
+__all__ = [
+    "BITMAP_DIR_ENTRY_FIXED",
+    "BitmapDirEntry",
+    "decode_bitmap_dir_entry",
+    "decode_bitmap_directory",
+    "encode_bitmap_dir_entry",
+    "encode_bitmap_directory",
+]

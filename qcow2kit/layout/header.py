@@ -13,11 +13,23 @@ other module needs to write a header offset as a literal.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
-from construct import (Bytes, Const, Construct, GreedyRange, Int8ub, Int16ub, Int32ub, Int64ub,
-                       PaddedString, Struct, this)
+from construct import (
+    Bytes,
+    Const,
+    Construct,
+    GreedyRange,
+    Int8ub,
+    Int16ub,
+    Int32ub,
+    Int64ub,
+    PaddedString,
+    Struct,
+    this,
+)
 
 from .. import spec
 
@@ -377,16 +389,42 @@ def encode_header_area(area: HeaderArea, *, place_backing_file: bool = False) ->
 
 
 __all__ = [
-    "HeaderV2", "HeaderV3Tail", "HeaderV3Optional", "HeaderV3", "HeaderExtension",
-    "ExtensionFrame", "FeatureNameEntry", "FeatureNameTable", "BitmapsExtension",
-    "CryptoHeaderExtension", "SnapshotHeader", "SnapshotExtra", "BitmapDirEntryHeader",
-    "HEADER_FIELDS", "HeaderField", "V2_HEADER_LENGTH", "V3_FIXED_LENGTH",
-    "field_offset", "encode_field", "field_patch", "decode_field",
-    "header_length_of", "decode_header", "encode_header",
-    "encode_extension", "decode_extensions", "encode_extensions",
-    "decode_feature_table", "encode_feature_table",
-    "decode_bitmaps_extension", "encode_bitmaps_extension",
-    "decode_crypto_extension", "encode_crypto_extension",
-    "decode_name_extension", "encode_name_extension",
-    "HeaderArea", "decode_header_area", "encode_header_area",
+    "HEADER_FIELDS",
+    "V2_HEADER_LENGTH",
+    "V3_FIXED_LENGTH",
+    "BitmapDirEntryHeader",
+    "BitmapsExtension",
+    "CryptoHeaderExtension",
+    "ExtensionFrame",
+    "FeatureNameEntry",
+    "FeatureNameTable",
+    "HeaderArea",
+    "HeaderExtension",
+    "HeaderField",
+    "HeaderV2",
+    "HeaderV3",
+    "HeaderV3Optional",
+    "HeaderV3Tail",
+    "SnapshotExtra",
+    "SnapshotHeader",
+    "decode_bitmaps_extension",
+    "decode_crypto_extension",
+    "decode_extensions",
+    "decode_feature_table",
+    "decode_field",
+    "decode_header",
+    "decode_header_area",
+    "decode_name_extension",
+    "encode_bitmaps_extension",
+    "encode_crypto_extension",
+    "encode_extension",
+    "encode_extensions",
+    "encode_feature_table",
+    "encode_field",
+    "encode_header",
+    "encode_header_area",
+    "encode_name_extension",
+    "field_offset",
+    "field_patch",
+    "header_length_of",
 ]

@@ -11,8 +11,8 @@ every table QEMU writes.  Limits are checked by the reader
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from ..errors import InvalidHeaderError
 from . import parse
@@ -116,5 +116,12 @@ def encode_snapshot_table(entries: Iterable[SnapshotEntry]) -> bytes:
     return b"".join(encode_snapshot_entry(e) for e in entries)
 
 
-__all__ = ["SnapshotEntry", "SNAPSHOT_HEADER_SIZE", "snapshot_extra", "decode_snapshot_entry",
-           "decode_snapshot_table", "encode_snapshot_entry", "encode_snapshot_table"]
+__all__ = [
+    "SNAPSHOT_HEADER_SIZE",
+    "SnapshotEntry",
+    "decode_snapshot_entry",
+    "decode_snapshot_table",
+    "encode_snapshot_entry",
+    "encode_snapshot_table",
+    "snapshot_extra",
+]
