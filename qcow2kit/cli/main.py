@@ -437,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_rmap(sub)
     _add_demo(sub)
+    from .create_cmd import add_parser as _add_create
+    _add_create(sub)
     return parser
 
 
