@@ -20,6 +20,7 @@ prints: :func:`formatting_line` and :func:`options_help` return the text
 from __future__ import annotations
 
 import bisect
+import errno
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1326,6 +1327,11 @@ def write_plan(p: CreatePlan) -> None:
         _write_plan(p, writers, made)
     except CreateError as exc:
         raise CreateError(f"{p.path}: {exc.message}", option=exc.option, path=p.path) from None
+    except OSError as exc:
+        if exc.errno == errno.EFBIG:   # the file system's limit; qemu-img says the same then
+            raise ImageTooLargeError(f"{p.path}: {_efbig().message}", option="size",
+                                     path=p.path) from None
+        raise
     finally:
         for wr in writers:
             wr.close()
