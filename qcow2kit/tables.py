@@ -1,8 +1,10 @@
-"""Vectorized decoding of qcow2 tables: L1, L2 (standard and extended), refcount blocks.
+"""Vectorized decoding and encoding of qcow2 tables: L1, L2 (standard and extended), refcount
+tables and blocks.
 
-Whole tables are turned into numpy arrays at once; nothing here loops per
-entry in Python.  Cluster kinds follow QEMU's ``qcow2_get_cluster_type`` and
-``qcow2_get_subcluster_type`` (block/qcow2.h).
+Whole tables are turned into numpy arrays at once and back; nothing here loops
+per entry in Python.  Every ``decode_*`` has its ``encode_*`` next to it, and
+``encode(decode(raw)) == raw`` for every table QEMU writes.  Cluster kinds follow QEMU's
+``qcow2_get_cluster_type`` and ``qcow2_get_subcluster_type`` (block/qcow2.h).
 """
 
 from __future__ import annotations
@@ -52,6 +54,21 @@ _BE64 = np.dtype(">u8")
 def decode_u64_table(raw: bytes) -> np.ndarray:
     """Big-endian 64-bit table (L1, L2, refcount table) as native uint64."""
     return np.frombuffer(raw, dtype=_BE64).astype(np.uint64)
+
+
+def encode_u64_table(table: np.ndarray) -> bytes:
+    """Native 64-bit entries (L1, L2 words, refcount or bitmap table) as big-endian bytes."""
+    return np.asarray(table, dtype=np.uint64).astype(_BE64).tobytes()
+
+
+def l1_entries(l2_offsets: np.ndarray, copied: np.ndarray | bool = True) -> np.ndarray:
+    """L1 entries for L2 table offsets (0 = unallocated); COPIED where ``copied`` and allocated."""
+    offs = np.asarray(l2_offsets, dtype=np.uint64)
+    if (offs & ~np.uint64(spec.L1E_OFFSET_MASK)).any():
+        raise ValueError("L2 table offsets must be 512-byte aligned and below 2^56")
+    flag = np.where(np.asarray(copied, dtype=bool) & (offs != 0),
+                    np.uint64(spec.OFLAG_COPIED), np.uint64(0))
+    return offs | flag
 
 
 def l1_offsets(l1: np.ndarray) -> np.ndarray:
@@ -121,6 +138,85 @@ def decode_l2(raw: bytes, geo: L2Geometry) -> tuple[np.ndarray, np.ndarray | Non
     if geo.extended:
         return words[0::2], words[1::2]
     return words, None
+
+
+def encode_l2(entries: np.ndarray, bitmaps: np.ndarray | None = None) -> bytes:
+    """A raw L2 table from its entry words (interleaved with the subcluster bitmaps when
+    extended); the inverse of :func:`decode_l2`."""
+    entries = np.asarray(entries, dtype=np.uint64)
+    if bitmaps is None:
+        return encode_u64_table(entries)
+    bitmaps = np.asarray(bitmaps, dtype=np.uint64)
+    if bitmaps.shape != entries.shape:
+        raise ValueError("an extended L2 table needs one bitmap per entry")
+    words = np.empty(entries.shape[0] * 2, dtype=np.uint64)
+    words[0::2] = entries
+    words[1::2] = bitmaps
+    return encode_u64_table(words)
+
+
+def compressed_descriptor(coffset: np.ndarray, nbytes: np.ndarray, geo: L2Geometry
+                          ) -> np.ndarray:
+    """L2 entries of compressed clusters: stream at byte ``coffset``, ``nbytes`` long.
+
+    The descriptor stores the number of 512-byte sectors the stream touches,
+    minus one, above the byte offset (QEMU's ``nb_csectors``); COPIED is never
+    set on compressed clusters.
+    """
+    coffset = np.asarray(coffset, dtype=np.uint64)
+    nbytes = np.asarray(nbytes, dtype=np.uint64)
+    shift = geo.csize_shift
+    if (coffset >> np.uint64(shift)).any():
+        raise ValueError(f"compressed cluster offset does not fit in {shift} bits")
+    if (nbytes == 0).any():
+        raise ValueError("a compressed cluster has at least one byte")
+    first = coffset >> np.uint64(9)
+    last = (coffset + nbytes - np.uint64(1)) >> np.uint64(9)
+    extra = last - first                       # additional sectors
+    if (extra >> np.uint64(geo.cluster_bits - 8)).any():
+        raise ValueError("compressed cluster too long for its descriptor")
+    return (np.uint64(spec.OFLAG_COMPRESSED) | (extra << np.uint64(shift)) | coffset)
+
+
+def subcluster_bitmap(alloc: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """Extended L2 bitmap words from per-subcluster flags of shape (clusters, 32):
+    bits 0-31 "allocated", bits 32-63 "reads as zero"."""
+    bit = np.uint64(1) << np.arange(spec.SUBCLUSTERS_PER_CLUSTER, dtype=np.uint64)
+    a = (np.asarray(alloc, dtype=bool) * bit).sum(axis=1, dtype=np.uint64)
+    z = (np.asarray(zero, dtype=bool) * bit).sum(axis=1, dtype=np.uint64)
+    return a | (z << np.uint64(32))
+
+
+def encode_units(units: L2Units, geo: L2Geometry, copied: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Entry words (and bitmaps) that :func:`classify` decodes into ``units``.
+
+    The inverse of :func:`classify` for the units it returns: allocated
+    clusters get COPIED when ``copied`` (what QEMU writes for clusters with
+    refcount 1), compressed clusters never do.  INVALID units cannot be
+    encoded (they are a decoding verdict, not a state).
+    """
+    kind = np.asarray(units.kind)
+    if (kind == INVALID).any():
+        raise ValueError("INVALID units have no encoding")
+    # with an external data file COPIED is what marks data at host offset 0
+    flag = np.uint64(spec.OFLAG_COPIED if copied or geo.has_data_file else 0)
+    upc = geo.units_per_cluster
+    n = kind.shape[0] // upc
+    k = kind.reshape(n, upc)
+    host = np.asarray(units.host, dtype=np.uint64).reshape(n, upc)[:, 0]
+    has_off = np.asarray(units.offset_valid, dtype=bool).reshape(n, upc).any(axis=1)
+    comp = k[:, 0] == COMPRESSED
+    entries = np.where(has_off, host | flag, np.uint64(0))
+    bitmaps: np.ndarray | None = None
+    if geo.extended:
+        bitmaps = np.where(comp, np.uint64(0), subcluster_bitmap(k == DATA, k == ZERO))
+    else:
+        entries = np.where(k[:, 0] == ZERO, entries | np.uint64(spec.OFLAG_ZERO), entries)
+    if comp.any():
+        csize = np.asarray(units.csize, dtype=np.uint64).reshape(n, upc)[comp, 0]
+        entries[comp] = compressed_descriptor(host[comp], csize, geo)
+    return entries, bitmaps
 
 
 _U1 = np.uint64(1)
@@ -200,6 +296,23 @@ def decode_refcount_block(raw: bytes, refcount_order: int) -> np.ndarray:
     shifts = np.arange(per_byte, dtype=np.uint8) * bits
     vals = (packed[:, None] >> shifts) & np.uint8((1 << bits) - 1)
     return vals.reshape(-1).astype(np.uint64)
+
+
+def encode_refcount_block(counts: np.ndarray, refcount_order: int) -> bytes:
+    """Refcounts as a refcount block of ``1 << refcount_order``-bit entries (the inverse of
+    :func:`decode_refcount_block`); widths below 8 bits are packed LSB first."""
+    bits = 1 << refcount_order
+    counts = np.asarray(counts, dtype=np.uint64)
+    if bits < 64 and (counts >> np.uint64(bits)).any():
+        raise ValueError(f"refcount does not fit in {bits} bits")
+    if bits >= 8:
+        return counts.astype(np.dtype(f">u{bits // 8}")).tobytes()
+    per_byte = 8 // bits
+    if counts.shape[0] % per_byte:
+        raise ValueError(f"{counts.shape[0]} refcounts do not fill whole bytes")
+    shifts = np.arange(per_byte, dtype=np.uint8) * bits
+    vals = counts.astype(np.uint8).reshape(-1, per_byte) << shifts
+    return np.bitwise_or.reduce(vals, axis=1).astype(np.uint8).tobytes()
 
 
 def count_nonzero_refcounts(raw: bytes, refcount_order: int, limit: int) -> int:

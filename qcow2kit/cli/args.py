@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 from typing import NoReturn
+
+from ..units import qemu_strtosz
 
 EXIT_OK = 0
 EXIT_ERROR = 1      # what qemu-img returns for a failed info/convert
@@ -56,33 +57,24 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
                    help="show a traceback on errors")
 
 
-_SIZE_RE = re.compile(r"\s*(?:(0[xX][0-9a-fA-F]+)|([0-9]+)(?:\.([0-9]*))?)([a-zA-Z]?)\Z")
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-               "p": 1 << 50, "e": 1 << 60}
 INT64_MAX = (1 << 63) - 1
 
 
 def parse_size(text: str, what: str = "size", *, minimum: int = 0,
                maximum: int = INT64_MAX) -> int:
-    """Parse a size or offset as qemu-img does (QEMU's ``qemu_strtosz``).
+    """Parse a size or offset as qemu-img does (:func:`qcow2kit.units.qemu_strtosz`).
 
     Decimal or ``0x`` hexadecimal, with an optional suffix b, k, M, G, T, P or E
-    (any case; powers of 1024).  A decimal fraction needs a suffix (``1.5k``);
-    like QEMU, the fraction is scaled in binary floating point (``7.9E`` is
-    9108079886394091136, as qemu-img computes it).  Leading blanks are allowed,
-    trailing ones are not.  The result must lie in ``[minimum, maximum]``.
+    (any case; powers of 1024); a decimal fraction needs a suffix (``1.5k``).
+    The result must lie in ``[minimum, maximum]``.
     """
-    m = _SIZE_RE.match(text)
-    unit = _SIZE_UNITS.get(m.group(4).lower()) if m else None
-    if m is None or unit is None or (m.group(3) is not None and (unit == 1 or m.group(1))):
+    try:
+        value, _ = qemu_strtosz(text)
+    except OverflowError:
+        value = 1 << 64
+    except ValueError:
         raise OptionError(f"invalid {what} {text!r}: expected a number (decimal or 0x hex) "
-                           f"with an optional k, M, G, T, P or E suffix")
-    if m.group(1):
-        value = int(m.group(1), 16) * unit
-    else:
-        value = int(m.group(2)) * unit
-        if m.group(3):
-            value += int(float("0." + m.group(3)) * unit)
+                          f"with an optional k, M, G, T, P or E suffix") from None
     if value < minimum or value > maximum:
         raise OptionError(f"invalid {what} {text!r}: must be between {minimum} and {maximum}")
     return value

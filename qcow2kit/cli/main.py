@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 from .. import __version__
 from ..errors import Qcow2Error
-from . import bench_cmd, convert_cmd, demo_cmd, info_cmd, map_cmd, rmap_cmd
+from . import bench_cmd, convert_cmd, create_cmd, demo_cmd, info_cmd, map_cmd, rmap_cmd
 from .args import (EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM, add_common_options, CommandError,
                    help_formatter, OptionError, Parser, Terminated, UsageError)
 from .render.output import error as print_error
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_parser(sub)
     rmap_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)
+    create_cmd.add_parser(sub)
     for leaf in _leaf_parsers(parser):
         if leaf is not parser:
             add_common_options(leaf)
