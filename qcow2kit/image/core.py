@@ -58,8 +58,7 @@ class Image:
         self._follow_backing = follow_backing
         self._max_depth = max_backing_depth
         self._chain = _chain + (os.path.realpath(src.path),)
-        #: The one L1/L2 reader of this image (its cache serves random access).
-        self.l2 = L2Reader(src, self.header, self.geometry, self.filename, l2_cache_bytes)
+        self._l2 = L2Reader(src, self.header, self.geometry, self.filename, l2_cache_bytes)
         self._dcache = compressed.ClusterCache()
         self._backing: Image | RawImage | None = None
         self._backing_opened = False
@@ -95,7 +94,7 @@ class Image:
             self._data_src.close()
             self._data_src = None
         self.src.close()
-        self.l2.clear()
+        self._l2.clear()
         self._dcache.clear()
         for name in ("snapshots", "bitmaps"):   # cached_property values: read again -> refused
             self.__dict__.pop(name, None)
@@ -164,7 +163,7 @@ class Image:
 
         def open_qcow2(src: ByteSource, filename: str) -> Image:
             return Image(src, filename=filename, follow_backing=True,
-                         source_kind=self._source_kind, l2_cache_bytes=self.l2.cache.budget,
+                         source_kind=self._source_kind, l2_cache_bytes=self._l2.cache.budget,
                          max_backing_depth=self._max_depth, _chain=self._chain)
 
         layer = open_backing(self.filename, name, self.header.backing_format,
@@ -228,32 +227,38 @@ class Image:
     # -- L1 / L2 -------------------------------------------------------------
 
     @property
+    def l2(self) -> L2Reader:
+        """The one L1/L2 reader of this image: cached single tables, uncached batches and slices."""
+        self._check_open()
+        return self._l2
+
+    @property
     def l1_table(self) -> np.ndarray:
         """The active L1 table as uint64 entries (loaded on first use)."""
         self._check_open()
-        return self.l2.l1
+        return self._l2.l1
 
     def l2_table(self, l1_index: int) -> Table | None:
         """Entry words (and subcluster bitmaps) of the L2 table under ``l1_index``, or None."""
         self._check_open()
-        return self.l2.table(l1_index)
+        return self._l2.table(l1_index)
 
     def check_units(self, l1_index: int, c0: int, entries: np.ndarray, units: T.L2Units) -> None:
         """Refuse L2 entries QEMU refuses (see :meth:`qcow2kit.image.l2.L2Reader.check_units`)."""
-        self.l2.check_units(l1_index, c0, entries, units)
+        self._l2.check_units(l1_index, c0, entries, units)
 
     # The L2 cache's state, under the names the tests of its bounds read.
     @property
     def _l2_cache(self) -> dict[int, Table]:
-        return self.l2.cache.tables
+        return self._l2.cache.tables
 
     @property
     def _l2_cache_used(self) -> int:
-        return self.l2.cache.used
+        return self._l2.cache.used
 
     @property
     def _l2_cache_bytes(self) -> int:
-        return self.l2.cache.budget
+        return self._l2.cache.budget
 
     def segments(self, offset: int, length: int) -> Iterator[Segment]:
         """Resolve the guest range to runs of one kind in this image alone (no backing).
@@ -285,7 +290,7 @@ class Image:
             c0 = (pos - l2_base) >> cb
             c1 = ((span_end - 1 - l2_base) >> cb) + 1
             units = T.classify(entries[c0:c1], None if bitmaps is None else bitmaps[c0:c1], geo)
-            self.l2.check_units(l1_index, c0, entries[c0:c1], units)
+            self._l2.check_units(l1_index, c0, entries[c0:c1], units)
             base = l2_base + (c0 << cb)
             bounds = T.run_boundaries(units.kind, units.host, unit, geo.units_per_cluster)
             ends = np.append(bounds[1:], units.kind.shape[0])
@@ -302,7 +307,7 @@ class Image:
                 elif kind == T.COMPRESSED:
                     coffset = int(units.host[a])
                     if coffset >= self.src.size:
-                        raise self.l2.error(l1_index, g0, "l2 entry",
+                        raise self._l2.error(l1_index, g0, "l2 entry",
                                             f"compressed cluster at {coffset:#x} lies beyond "
                                             f"the end of the file ({self.src.size} bytes)")
                     cstart = (g0 >> cb) << cb
