@@ -42,6 +42,7 @@ import numpy as np
 
 from . import tables as T
 from .image import Image, RawImage
+from .image.chain import backing_reach
 from .image.refcounts import clusters_in_use
 
 #: One extent: a guest range with uniform status.
@@ -507,9 +508,7 @@ def _resolve(layer: _Layer, w0: int, w1: int) -> np.ndarray:
     own = runs.copy()
     own["flags"] = np.where(fall, np.uint8(FLAG_ZERO) | (runs["flags"] & np.uint8(FLAG_OFFSET)),
                             runs["flags"])
-    b1 = w0
-    if layer.backing is not None:
-        b1 = max(w0, min(w1, layer.backing.img.size))
+    b1 = backing_reach(None if layer.backing is None else layer.backing.img, w0, w1)
     parts = []
     if b1 > w0:
         assert layer.backing is not None

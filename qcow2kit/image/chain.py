@@ -152,6 +152,19 @@ def read_backing(backing: Qcow2Layer | RawImage, offset: int, dst: memoryview) -
         dst[inside:] = bytes(n - inside)
 
 
+def backing_reach(backing: Qcow2Layer | RawImage | None, start: int, end: int) -> int:
+    """Where the backing file stops providing the range [start, end) a layer leaves unallocated.
+
+    The backing file provides [start, reach); from ``reach`` on (no backing
+    file, or past its end) the range reads as zeros at the layer's own depth,
+    as QEMU's ``bdrv_co_block_status`` has it.  The one rule of both chain
+    walks: :func:`block_status` here and the mapper's vectorized resolver.
+    """
+    if backing is None:
+        return start
+    return max(start, min(end, backing.size))
+
+
 class Status(NamedTuple):
     """Allocation status of a guest range through the whole chain (like QEMU's block status).
 
@@ -190,11 +203,10 @@ def block_status(img: Qcow2Layer | RawImage, offset: int, length: int, depth: in
             yield Status(seg.guest, seg.length, False, True, depth, seg.kind, img)
         else:
             back = img.backing
-            covered = 0
-            if back is not None:
-                covered = max(0, min(seg.length, back.size - seg.guest))
-                if covered:
-                    yield from block_status(back, seg.guest, covered, depth + 1)
-            if covered < seg.length:
-                yield Status(seg.guest + covered, seg.length - covered, False, True, depth,
-                             T.UNALLOCATED, None)
+            seg_end = seg.guest + seg.length
+            reach = backing_reach(back, seg.guest, seg_end)
+            if reach > seg.guest:
+                assert back is not None
+                yield from block_status(back, seg.guest, reach - seg.guest, depth + 1)
+            if reach < seg_end:
+                yield Status(reach, seg_end - reach, False, True, depth, T.UNALLOCATED, None)
