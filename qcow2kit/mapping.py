@@ -40,10 +40,10 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from . import spec
 from . import tables as T
-from .errors import CorruptImageError
 from .image import Image, RawImage
+from .image.chain import backing_reach
+from .image.refcounts import clusters_in_use
 
 #: One extent: a guest range with uniform status.
 EXTENT_DTYPE = np.dtype([("start", "<u8"), ("length", "<u8"), ("offset", "<u8"),
@@ -328,22 +328,7 @@ def detect_metadata_preallocation(img: Image) -> bool:
     real_clusters = real_allocation // cs
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
     end_cluster = -(-img.src.size // cs)
-    h = img.header
-    per_block = cs * 8 // h.refcount_bits
-    n_entries = min(h.refcount_table_clusters * cs // 8, -(-end_cluster // per_block))
-    table = T.decode_u64_table(img.src.read_at(h.refcount_table_offset, n_entries * 8,
-                                               field="refcount table"))
-    count = 0
-    for i in np.flatnonzero(table & np.uint64(spec.REFT_OFFSET_MASK)).tolist():
-        block_off = int(table[i]) & spec.REFT_OFFSET_MASK
-        if block_off % cs:
-            return False
-        n = min(per_block, end_cluster - i * per_block)
-        raw = img.src.read_padded(block_off, -(-n * h.refcount_bits // 8), field="refcount block")
-        count += T.count_nonzero_refcounts(raw, h.refcount_order, n)
-        if count >= threshold:
-            return True
-    return False
+    return clusters_in_use(img.src, img.header, end_cluster, threshold) >= threshold
 
 
 def _make_layers(img: Image | RawImage, depth: int = 0, holes: bool = True,
@@ -368,73 +353,6 @@ def _units_per_byte(layer: _Layer | None) -> float:
     return total
 
 
-def _read_l2_batch(img: Image, l1_lo: int, l1_hi: int
-                   ) -> list[tuple[int, np.ndarray, np.ndarray | None, int]]:
-    """L2 tables under L1 entries [l1_lo, l1_hi): (l1 index, entries, bitmaps, 0).
-
-    Tables that lie back to back in the file are read with one pread.
-    """
-    l1 = img.l1_table
-    hi = min(l1_hi, l1.shape[0])
-    if l1_lo >= hi:
-        return []
-    offs = (l1[l1_lo:hi] & np.uint64(spec.L1E_OFFSET_MASK)).astype(np.int64)
-    idx = np.flatnonzero(offs)
-    if idx.shape[0] == 0:
-        return []
-    cs = img.cluster_size
-    o = offs[idx]
-    bad = np.flatnonzero(o % cs)
-    if bad.shape[0]:
-        i = int(idx[bad[0]]) + l1_lo
-        raise CorruptImageError(f"{img.filename}: L2 table offset {int(o[bad[0]]):#x} is not "
-                                f"cluster aligned (L1 index {i})", field="l1_table_offset",
-                                offset=img.header.l1_table_offset + 8 * i, path=img.filename)
-    brk = np.flatnonzero((np.diff(o) != cs) | (np.diff(idx) != 1)) + 1
-    starts = np.concatenate(([0], brk))
-    stops = np.concatenate((brk, [o.shape[0]]))
-    out: list[tuple[int, np.ndarray, np.ndarray | None, int]] = []
-    for a, b in zip(starts.tolist(), stops.tolist()):
-        # Past the end of the file, QEMU reads the tables as zeros (unallocated entries).
-        raw = img.src.read_padded(int(o[a]), (b - a) * cs, field="L2 table")
-        words = T.decode_u64_table(raw)
-        per = cs // 8
-        for k in range(b - a):
-            w = words[k * per:(k + 1) * per]
-            if img.geometry.extended:
-                out.append((int(idx[a + k]) + l1_lo, w[0::2], w[1::2], 0))
-            else:
-                out.append((int(idx[a + k]) + l1_lo, w, None, 0))
-    return out
-
-
-def _read_l2_slice(img: Image, l1_index: int, first: int, stop: int
-                   ) -> list[tuple[int, np.ndarray, np.ndarray | None, int]]:
-    """Entries [first, stop) of one L2 table: (l1 index, entries, bitmaps, first).
-
-    Only the bytes of those entries are read, so a window smaller than a
-    table's span costs memory for its own entries alone.
-    """
-    l1 = img.l1_table
-    if l1_index >= l1.shape[0]:
-        return []
-    l2_off = int(l1[l1_index]) & spec.L1E_OFFSET_MASK
-    if l2_off == 0:
-        return []
-    geo = img.geometry
-    if l2_off % img.cluster_size:
-        raise CorruptImageError(f"{img.filename}: L2 table offset {l2_off:#x} is not cluster "
-                                f"aligned (L1 index {l1_index})", field="l1_table_offset",
-                                offset=img.header.l1_table_offset + 8 * l1_index,
-                                path=img.filename)
-    es = geo.entry_size
-    raw = img.src.read_padded(l2_off + first * es, (stop - first) * es, field="L2 table")
-    words = T.decode_u64_table(raw)
-    if geo.extended:
-        return [(l1_index, words[0::2], words[1::2], first)]
-    return [(l1_index, words, None, first)]
-
-
 def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
     """Runs of uniform status of one layer over [w0, w1) (w1 <= its size), before merging.
 
@@ -456,12 +374,14 @@ def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
     unit_bits = geo.unit_bits
     l1_lo = w0 >> span_bits
     l1_hi = ((w1 - 1) >> span_bits) + 1
+    # The image's one L2 reader, uncached: back-to-back tables in one pread each.
+    l2 = img.l2
     if l1_hi - l1_lo == 1 and (w1 - w0) < (1 << span_bits):
         # A window inside one table's span: read only the entries it needs.
-        tables = _read_l2_slice(img, l1_lo, (w0 >> cb) & (geo.l2_entries - 1),
-                                ((w1 - 1) >> cb & (geo.l2_entries - 1)) + 1)
+        tables = l2.read_slice(l1_lo, (w0 >> cb) & (geo.l2_entries - 1),
+                               ((w1 - 1) >> cb & (geo.l2_entries - 1)) + 1)
     else:
-        tables = _read_l2_batch(img, l1_lo, l1_hi)
+        tables = l2.read_tables(l1_lo, l1_hi)
     crypto = img.encrypted
     pieces: list[np.ndarray] = []
     pos = w0
@@ -478,7 +398,7 @@ def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
         c1 = ((t1 - 1 - base) >> cb) + 1
         ents = entries[c0 - e0:c1 - e0]   # e0: index of the first entry read
         u = T.classify(ents, None if bitmaps is None else bitmaps[c0 - e0:c1 - e0], geo)
-        img.check_units(l1_index, c0, ents, u)
+        l2.check_units(l1_index, c0, ents, u)
         kind = u.kind
         flags = np.zeros(kind.shape, np.uint8)
         flags[kind == T.DATA] = FLAG_PRESENT | FLAG_DATA
@@ -588,9 +508,7 @@ def _resolve(layer: _Layer, w0: int, w1: int) -> np.ndarray:
     own = runs.copy()
     own["flags"] = np.where(fall, np.uint8(FLAG_ZERO) | (runs["flags"] & np.uint8(FLAG_OFFSET)),
                             runs["flags"])
-    b1 = w0
-    if layer.backing is not None:
-        b1 = max(w0, min(w1, layer.backing.img.size))
+    b1 = backing_reach(None if layer.backing is None else layer.backing.img, w0, w1)
     parts = []
     if b1 > w0:
         assert layer.backing is not None
