@@ -92,6 +92,7 @@ def _strtoull_prefix(text: str, base: int) -> tuple[int | None, int, bool]:
     if i < n and text[i] in "+-":
         neg = text[i] == "-"
         i += 1
+    # "0x" is a prefix only when a hex digit follows ("0x" alone converts the "0")
     if base == 16 and text[i:i + 2].lower() == "0x" and i + 2 < n and \
             text[i + 2].lower() in "0123456789abcdef":
         i += 2
@@ -100,9 +101,6 @@ def _strtoull_prefix(text: str, base: int) -> tuple[int | None, int, bool]:
     while j < n and text[j].lower() in digits:
         j += 1
     if j == i:
-        # "0x" with no hex digit after it: strtoull converts the "0"
-        if base == 16 and text[i - 2:i].lower() == "0x" if i >= 2 else False:
-            return 0, i - 1, False
         return None, 0, False
     value = int(text[i:j], base)
     overflow = value >= 1 << 64
@@ -253,7 +251,7 @@ def is_valid_option_list(text: str) -> bool:
 
 def _split_option_list(text: str) -> list[tuple[str, str]]:
     """QemuOpts syntax: ``name=value,...``; ``,,`` is a literal comma; ``name`` alone means
-    ``on`` and ``noname`` means ``name=off``."""
+    ``on``, ``noname`` means ``name=off``, and a bare ``help`` or ``?`` asks for help."""
     out: list[tuple[str, str]] = []
     i = 0
     n = len(text)
@@ -277,21 +275,24 @@ def _split_option_list(text: str) -> list[tuple[str, str]]:
             value = "".join(buf)
             i = k + 1
         else:
-            value = "on"
-            if name.startswith("no") and name[2:] in _OPTION_BY_NAME:
+            if name in ("help", "?"):
+                value = _HELP
+            elif name.startswith("no"):
                 name, value = name[2:], "off"
+            else:
+                value = "on"
             i = j + 1
         out.append((name, value))
     return out
 
 
+_HELP = "\0help"     # the value of a bare "help" or "?" (never a real value)
+
+
 def has_help_option(option_lists: Sequence[str]) -> bool:
-    """Whether ``-o help`` (or ``-o ?``) is among the options."""
-    for text in option_lists:
-        for name, value in _split_option_list(text):
-            if name in ("help", "?") and value == "on":
-                return True
-    return False
+    """Whether a bare ``help`` (or ``?``) is among the ``-o`` options."""
+    return any(value == _HELP for text in option_lists
+               for _, value in _split_option_list(text))
 
 
 def _parse_bool(name: str, value: str) -> bool:
