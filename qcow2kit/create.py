@@ -781,8 +781,12 @@ class _Allocator:
     def _wrote(self, offset: int, length: int) -> None:
         """A write of whole clusters that end up holding live metadata."""
         self.file_length = max(self.file_length, offset + length)
-        for c in range(offset >> self.cb, (offset + length + self.cs - 1) >> self.cb):
-            self.stale.pop(c, None)
+        self._unstale(offset >> self.cb, (offset + length + self.cs - 1) >> self.cb)
+
+    def _unstale(self, first: int, end: int) -> None:
+        """Clusters [first, end) now hold something new: forget their stale bytes."""
+        for c in [c for c in self.stale if first <= c < end]:
+            del self.stale[c]
 
     def _zero_write(self, offset: int, length: int, data_file: bool) -> None:
         if length <= 0:
@@ -794,17 +798,12 @@ class _Allocator:
         self.zero_writes.append((offset, length))
         self.file_length = max(self.file_length, offset + length)
         end = offset + length
-        for c in range(offset >> self.cb, (end + self.cs - 1) >> self.cb):
-            buf = self.stale.get(c)
-            if buf is not None:
-                a = max(offset, c << self.cb) - (c << self.cb)
-                b = min(end, (c + 1) << self.cb) - (c << self.cb)
-                buf[a:b] = bytes(b - a)
+        for c in [c for c in self.stale if offset >> self.cb <= c < -(-end // self.cs)]:
+            a = max(offset, c << self.cb) - (c << self.cb)
+            b = min(end, (c + 1) << self.cb) - (c << self.cb)
+            self.stale[c][a:b] = bytes(b - a)
 
     # -- refcounts (block/qcow2-refcount.c) ----------------------------------
-
-    def get_refcount(self, c: int) -> int:
-        return 1 if self.used.contains(c) else 0
 
     def alloc_clusters_noref(self, n: int) -> int:
         p = self.used.free_run(self.free_index, n)
@@ -974,8 +973,7 @@ class _Allocator:
         self.l1_offset = off
         self.file_length = max(self.file_length, off + 8 * min_size)
         # the L1 table covers whole clusters only up to its last entry
-        for c in range(off >> self.cb, (off + 8 * min_size) >> self.cb):
-            self.stale.pop(c, None)
+        self._unstale(off >> self.cb, (off + 8 * min_size) >> self.cb)
 
     def get_cluster_table(self, guest: int) -> int:
         l1_index = guest >> (self.cb + self.l2_bits)
