@@ -169,7 +169,7 @@ def is_valid_option_list(text: str) -> bool:
 
 def _split_option_list(text: str) -> list[tuple[str, str]]:
     """QemuOpts syntax: ``name=value,...``; ``,,`` is a literal comma; ``name`` alone means
-    ``on`` and ``noname`` means ``name=off``."""
+    ``on``, ``noname`` means ``name=off``, and a bare ``help`` or ``?`` asks for help."""
     out: list[tuple[str, str]] = []
     i = 0
     n = len(text)
@@ -193,21 +193,24 @@ def _split_option_list(text: str) -> list[tuple[str, str]]:
             value = "".join(buf)
             i = k + 1
         else:
-            value = "on"
-            if name.startswith("no") and name[2:] in _OPTION_BY_NAME:
+            if name in ("help", "?"):
+                value = _HELP
+            elif name.startswith("no"):
                 name, value = name[2:], "off"
+            else:
+                value = "on"
             i = j + 1
         out.append((name, value))
     return out
 
 
+_HELP = "\0help"     # the value of a bare "help" or "?" (never a real value)
+
+
 def has_help_option(option_lists: Sequence[str]) -> bool:
-    """Whether ``-o help`` (or ``-o ?``) is among the options."""
-    for text in option_lists:
-        for name, value in _split_option_list(text):
-            if name in ("help", "?") and value == "on":
-                return True
-    return False
+    """Whether a bare ``help`` (or ``?``) is among the ``-o`` options."""
+    return any(value == _HELP for text in option_lists
+               for _, value in _split_option_list(text))
 
 
 def _parse_bool(name: str, value: str) -> bool:
@@ -696,8 +699,12 @@ class _Allocator:
     def _wrote(self, offset: int, length: int) -> None:
         """A write of whole clusters that end up holding live metadata."""
         self.file_length = max(self.file_length, offset + length)
-        for c in range(offset >> self.cb, (offset + length + self.cs - 1) >> self.cb):
-            self.stale.pop(c, None)
+        self._unstale(offset >> self.cb, (offset + length + self.cs - 1) >> self.cb)
+
+    def _unstale(self, first: int, end: int) -> None:
+        """Clusters [first, end) now hold something new: forget their stale bytes."""
+        for c in [c for c in self.stale if first <= c < end]:
+            del self.stale[c]
 
     def _zero_write(self, offset: int, length: int, data_file: bool) -> None:
         if length <= 0:
@@ -709,17 +716,12 @@ class _Allocator:
         self.zero_writes.append((offset, length))
         self.file_length = max(self.file_length, offset + length)
         end = offset + length
-        for c in range(offset >> self.cb, (end + self.cs - 1) >> self.cb):
-            buf = self.stale.get(c)
-            if buf is not None:
-                a = max(offset, c << self.cb) - (c << self.cb)
-                b = min(end, (c + 1) << self.cb) - (c << self.cb)
-                buf[a:b] = bytes(b - a)
+        for c in [c for c in self.stale if offset >> self.cb <= c < -(-end // self.cs)]:
+            a = max(offset, c << self.cb) - (c << self.cb)
+            b = min(end, (c + 1) << self.cb) - (c << self.cb)
+            self.stale[c][a:b] = bytes(b - a)
 
     # -- refcounts (block/qcow2-refcount.c) ----------------------------------
-
-    def get_refcount(self, c: int) -> int:
-        return 1 if self.used.contains(c) else 0
 
     def alloc_clusters_noref(self, n: int) -> int:
         p = self.used.free_run(self.free_index, n)
@@ -889,8 +891,7 @@ class _Allocator:
         self.l1_offset = off
         self.file_length = max(self.file_length, off + 8 * min_size)
         # the L1 table covers whole clusters only up to its last entry
-        for c in range(off >> self.cb, (off + 8 * min_size) >> self.cb):
-            self.stale.pop(c, None)
+        self._unstale(off >> self.cb, (off + 8 * min_size) >> self.cb)
 
     def get_cluster_table(self, guest: int) -> int:
         l1_index = guest >> (self.cb + self.l2_bits)

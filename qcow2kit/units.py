@@ -20,6 +20,7 @@ def strtoull_prefix(text: str, base: int) -> tuple[int | None, int, bool]:
     if i < n and text[i] in "+-":
         neg = text[i] == "-"
         i += 1
+    # "0x" is a prefix only when a hex digit follows ("0x" alone converts the "0")
     if base == 16 and text[i:i + 2].lower() == "0x" and i + 2 < n and \
             text[i + 2].lower() in "0123456789abcdef":
         i += 2
@@ -28,9 +29,6 @@ def strtoull_prefix(text: str, base: int) -> tuple[int | None, int, bool]:
     while j < n and text[j].lower() in digits:
         j += 1
     if j == i:
-        # "0x" with no hex digit after it: strtoull converts the "0"
-        if base == 16 and text[i - 2:i].lower() == "0x" if i >= 2 else False:
-            return 0, i - 1, False
         return None, 0, False
     value = int(text[i:j], base)
     overflow = value >= 1 << 64

@@ -78,7 +78,8 @@ def bases(tmp_path_factory) -> Path:
 
 
 def run_qemu(d: Path, args: list[str]) -> tuple[int, str, str]:
-    r = subprocess.run([QEMU_IMG, "create", *args], cwd=d, capture_output=True, text=True)
+    r = subprocess.run([QEMU_IMG, "create", *args], cwd=d, capture_output=True, text=True,
+                       check=False)
     return r.returncode, r.stdout, r.stderr
 
 
@@ -268,7 +269,8 @@ def test_created_images_pass_qemu_img_check(tmp_path, monkeypatch):
                               "preallocation=falloc,extended_l2=on",
                               "data_file=d.raw,data_file_raw=on"]):
         C.create(f"i{i}.qcow2", "8M", options=[opts])
-        r = subprocess.run([QEMU_IMG, "check", f"i{i}.qcow2"], capture_output=True, text=True)
+        r = subprocess.run([QEMU_IMG, "check", f"i{i}.qcow2"], capture_output=True, text=True,
+                           check=False)
         assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -305,6 +307,10 @@ INVALID = [
     ("-o data_file=d.raw,data_file_raw=on -b base.qcow2 -F qcow2 t.qcow2 1G", "data-file-raw"),
     ("-o foo=bar t.qcow2 1G", "foo"),
     ("-o =4k t.qcow2 1G", "Invalid parameter"),
+    ("-o nocow t.qcow2 1G", "'cow'"),                      # "noNAME" is NAME=off
+    ("-o nohelp t.qcow2 1G", "'help'"),
+    ("-o help=on t.qcow2 1G", "'help'"),                   # only a bare "help" asks for help
+    ("-o nocompat t.qcow2 1G", "version"),
     ("-o cluster_size=64k, t.qcow2 1G", "Invalid option list"),
     ("-o ,cluster_size=64k t.qcow2 1G", "Invalid option list"),
     ("-o compat=1.2 t.qcow2 1G", "version"),
@@ -439,3 +445,34 @@ def test_sizes_qemu_refuses(text):
     with pytest.raises(C.CreateError) as exc:
         C.parse_image_size(text)
     assert exc.value.option == "size"
+
+
+@pytest.mark.parametrize("extra", [("-b", "base.qcow2", "-F", "qcow2"),
+                                   ("-o", "data_file=d.raw,preallocation=metadata")])
+def test_image_in_another_directory(tmp_path, bases, capsys, monkeypatch, extra):
+    """A relative backing file is found next to the image (its size is read there); a relative
+    data file is created relative to the working directory, as QEMU 7.2 does."""
+    dq, do = tmp_path / "qemu", tmp_path / "ours"
+    for d in (dq, do):
+        d.mkdir()
+        (d / "sub").mkdir()
+        shutil.copy(bases / "base.qcow2", d / "sub" / "base.qcow2")
+    args = ["-f", "qcow2", *extra, "sub/t.qcow2", *([] if "-b" in extra else ["1000"])]
+    q = run_qemu(dq, args)
+    o = run_ours(do, args, capsys, monkeypatch)
+    assert q[0] == o[0] == 0 and o[1] == q[1]
+    names = sorted(str(p.relative_to(dq)) for p in dq.rglob("*"))
+    assert names == sorted(str(p.relative_to(do)) for p in do.rglob("*"))
+    for name in names:
+        if (dq / name).is_file():
+            assert same_bytes(dq / name, do / name) is None
+
+
+@pytest.mark.parametrize("opt", ["encrypt.format=luks", "encryption=on", "nocow=on",
+                                 "extent_size_hint=0"])
+def test_qemu_options_qcow2kit_does_not_implement_are_refused(tmp_path, capsys, monkeypatch,
+                                                              opt):
+    rc, out, err = run_ours(tmp_path, ["-o", opt, "t.qcow2", "1M"], capsys, monkeypatch)
+    name = opt.split("=")[0]
+    assert rc == 1 and out == "" and f"'{name}'" in err and "not supported" in err
+    assert not (tmp_path / "t.qcow2").exists()
