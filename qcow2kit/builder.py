@@ -116,7 +116,7 @@ class ImageBuilder:
         a.defer_free = []
         self._l2: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         # queued writes: (guest cluster, kind, payload)
-        self._pending: list[tuple[int, int, bytes]] = []
+        self._pending: list[tuple[int, int, bytes | memoryview]] = []
         self._pending_guest: set[int] = set()
         self._pending_bytes = 0
         self._extra: dict[int, dict[int, int]] = {}   # rti -> {cluster: extra references}
@@ -149,7 +149,7 @@ class ImageBuilder:
         first = guest_offset // cs
         return range(first, first + -(-length // cs))
 
-    def _queue(self, gc: int, kind: int, payload: bytes) -> None:
+    def _queue(self, gc: int, kind: int, payload: bytes | memoryview) -> None:
         if gc in self._pending_guest or self._entry_set(gc):
             raise BuilderError(f"guest cluster {gc} written twice")
         self._pending.append((gc, kind, payload))
@@ -165,9 +165,15 @@ class ImageBuilder:
         i = gc & (self.l2_size - 1)
         return bool(t[0][i]) or (t[1] is not None and bool(t[1][i]))
 
-    def _padded(self, data: bytes | bytearray | memoryview, i: int) -> bytes:
+    def _padded(self, data: bytes | bytearray | memoryview, i: int) -> bytes | memoryview:
+        """Cluster ``i`` of ``data``, zero-padded; ``bytes`` (or a view of ``bytes``: immutable)
+        are sliced, not copied."""
         cs = self.cluster_size
-        chunk = bytes(memoryview(data).cast("B")[i * cs:(i + 1) * cs])
+        whole = memoryview(data)
+        mv = whole.cast("B")[i * cs:(i + 1) * cs]
+        if len(mv) == cs and isinstance(whole.obj, bytes):
+            return mv
+        chunk = bytes(mv)
         return chunk if len(chunk) == cs else chunk + bytes(cs - len(chunk))
 
     def write(self, guest_offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -188,7 +194,7 @@ class ImageBuilder:
         n = memoryview(data).nbytes
         for i, gc in enumerate(self._clusters(guest_offset, n)):
             chunk = self._padded(data, i)
-            packed = compress_cluster(chunk, self.compression_type)
+            packed = compress_cluster(bytes(chunk), self.compression_type)
             if len(packed) >= self.cluster_size:
                 self._queue(gc, _DATA, chunk)
             else:
@@ -283,7 +289,7 @@ class ImageBuilder:
                     a.get_cluster_table(j << (cb + self.l2_bits))
                     self._l2_table(j)
                     new_l2.append(j)
-        writes: list[tuple[int, bytes]] = []
+        writes: list[tuple[int, list[bytes | memoryview]]] = []   # host-contiguous runs
         dirty_l2: set[int] = set()
         i = 0
         while i < len(pending):
@@ -293,10 +299,10 @@ class ImageBuilder:
                 while j < len(pending) and pending[j][1] == _DATA:
                     j += 1
                 host = a.alloc_clusters((j - i) * cs)
+                writes.append((host, [pending[k][2] for k in range(i, j)]))
                 for k in range(i, j):
-                    g, _, p = pending[k]
+                    g = pending[k][0]
                     off = host + (k - i) * cs
-                    writes.append((off, p))
                     e, b = self._l2_table(g >> self.l2_bits)
                     e[g & (self.l2_size - 1)] = np.uint64(off | spec.OFLAG_COPIED)
                     if b is not None:
@@ -313,7 +319,7 @@ class ImageBuilder:
                     e[idx] = np.uint64(spec.OFLAG_ZERO)
             else:
                 off = self._alloc_compressed(len(payload))
-                writes.append((off, payload))
+                writes.append((off, [payload]))
                 e[idx] = T.compressed_descriptor(np.array([off]), np.array([len(payload)]),
                                                  self.geo)[0]
             dirty_l2.add(gc >> self.l2_bits)
@@ -323,8 +329,8 @@ class ImageBuilder:
         zero_cluster = bytes(cs)
         for j in new_l2:
             w.pwrite(zero_cluster, a.l2_tables[j] << cb)
-        for off, p in writes:
-            w.pwrite(p, off)
+        for off, bufs in writes:
+            w.pwritev(bufs, off)
         for rti in sorted(self._rtis(touched)):
             w.pwrite(self._refcount_block(rti), int(a.reftable[rti]))
         moved = a.reftable_offset != old_reftable_offset
