@@ -10,22 +10,21 @@ blocks when it runs out.  Host clusters are appended in the order the caller
 writes them, so writing in guest order gives an unfragmented file and writing
 in any other order chooses that host order.
 
-Write order.  Writes are queued and flushed in batches (``batch_bytes``), each
-batch in up to four steps, each ended by an ``fsync`` (and
-:meth:`ImageWriter.step`, the crash-test hook): (1) the batch's data clusters
-and compressed streams, its new L2 tables (zeroed), every refcount block whose
-counts changed and, when the refcount table had to grow, the new table; (2)
-only when the refcount table changed: the entries of the table in place, or
-the header's ``refcount_table_offset``/``refcount_table_clusters`` (one
-12-byte write) when it moved; (3) the L2 tables with the batch's entries (and
-the refcount block that frees a replaced refcount table); (4) the L1 entries
-of new L2 tables.  So a cluster and its refcount are on disk before any L2
-entry points at it, a refcount block before the refcount table entry that
-points at it, L2 entries before the L1 entry, and the header (which otherwise
-never changes after create) only after the structures it points at.  A
-writer killed at any moment leaves an image that ``qemu-img check`` finds
-clean or with leaked clusters only (allocated, not yet referenced), and every
-cluster of a batch whose last step was synced reads back.
+Write order. Writes are queued and flushed in batches (``batch_bytes``), each batch in
+up to four steps, each ended by an ``fsync`` (and :meth:`ImageWriter.step`, the crash-
+test hook): (1) the batch's data clusters and compressed streams (data in an external
+data file synced first), its new L2 tables (zeroed), every refcount block whose counts
+changed and, when the refcount table had to grow, the new table; (2) only when the
+refcount table changed: the entries of the table in place, or the header's
+``refcount_table_offset``/``refcount_table_clusters`` (one 12-byte write) when it moved;
+(3) the L2 tables with the batch's entries (and the refcount block that frees a replaced
+refcount table); (4) the L1 entries of new L2 tables. So a cluster and its refcount are
+on disk before any L2 entry points at it, a refcount block before the refcount table
+entry that points at it, L2 entries before the L1 entry, and the header (which otherwise
+never changes after create) only after the structures it points at. A writer killed at
+any moment leaves an image that ``qemu-img check`` finds clean or with leaked clusters
+only (allocated, not yet referenced), and every cluster of a batch whose last step was
+synced reads back.
 """
 
 from __future__ import annotations
@@ -83,7 +82,8 @@ class ImageBuilder:
     def __init__(self, path: str | os.PathLike[str], size: int, *, cluster_size: int = 65536,
                  compat: str = "1.1", refcount_bits: int = 16, extended_l2: bool = False,
                  compression_type: str = "zlib", backing_file: str | None = None,
-                 backing_fmt: str | None = None, lazy_refcounts: bool = False,
+                 backing_fmt: str | None = None, data_file: str | None = None,
+                 lazy_refcounts: bool = False,
                  batch_bytes: int = DEFAULT_BATCH_BYTES,
                  on_commit: Callable[[np.ndarray], None] | None = None) -> None:
         self.path = os.fspath(path)
@@ -95,6 +95,8 @@ class ImageBuilder:
             options["compression_type"] = compression_type
         if lazy_refcounts:
             options["lazy_refcounts"] = True
+        if data_file is not None:
+            options["data_file"] = data_file
         self.plan: CreatePlan = create(self.path, size, options=options,
                                        backing_file=backing_file, backing_fmt=backing_fmt)
         o = self.plan.options
@@ -105,7 +107,7 @@ class ImageBuilder:
         self.cluster_size = cs = o.cluster_size
         self.cluster_bits = o.cluster_bits
         self.compression_type = compression_type
-        self.geo = T.L2Geometry(o.cluster_bits, o.extended_l2, False)
+        self.geo = T.L2Geometry(o.cluster_bits, o.extended_l2, o.data_file is not None)
         self.l2_size = a.l2_size
         self.l2_bits = a.l2_bits
         self.guest_clusters = -(-o.size // cs)
@@ -124,6 +126,9 @@ class ImageBuilder:
         self._comp_cluster = -1      # host cluster being packed with compressed streams
         self._comp_pos = 0           # next free byte in it
         self._w: ImageWriter | None = ImageWriter(self.path)
+        # with an external data file, guest cluster n is host cluster n of that file (no
+        # refcounts, as QEMU does without data_file_raw too)
+        self._dw = ImageWriter(o.data_file) if o.data_file is not None else None
 
     # -- the caller's side ------------------------------------------------------
 
@@ -191,6 +196,8 @@ class ImageBuilder:
 
     def write_compressed(self, guest_offset: int, data: bytes | bytearray | memoryview) -> None:
         """Compressed clusters; one that does not shrink is stored as a normal cluster."""
+        if self._dw is not None:
+            raise BuilderError("compressed clusters cannot be written with an external data file")
         n = memoryview(data).nbytes
         for i, gc in enumerate(self._clusters(guest_offset, n)):
             chunk = self._padded(data, i)
@@ -211,6 +218,9 @@ class ImageBuilder:
         if self._w is not None:
             self._w.close()
             self._w = None
+        if self._dw is not None:
+            self._dw.close()
+            self._dw = None
 
     # -- one batch ----------------------------------------------------------------
 
@@ -291,6 +301,7 @@ class ImageBuilder:
                     new_l2.append(j)
         writes: list[tuple[int, list[bytes | memoryview]]] = []   # host-contiguous runs
         dirty_l2: set[int] = set()
+        data_writes: list[tuple[int, bytes | memoryview]] = []
         i = 0
         while i < len(pending):
             gc, kind, payload = pending[i]
@@ -298,6 +309,17 @@ class ImageBuilder:
                 j = i
                 while j < len(pending) and pending[j][1] == _DATA:
                     j += 1
+                if self._dw is not None:     # the data file: host offset = guest offset
+                    for k in range(i, j):
+                        g = pending[k][0]
+                        data_writes.append((g * cs, pending[k][2]))
+                        e, b = self._l2_table(g >> self.l2_bits)
+                        e[g & (self.l2_size - 1)] = np.uint64((g * cs) | spec.OFLAG_COPIED)
+                        if b is not None:
+                            b[g & (self.l2_size - 1)] = _ALL_ALLOC
+                        dirty_l2.add(g >> self.l2_bits)
+                    i = j
+                    continue
                 host = a.alloc_clusters((j - i) * cs)
                 writes.append((host, [pending[k][2] for k in range(i, j)]))
                 for k in range(i, j):
@@ -326,6 +348,10 @@ class ImageBuilder:
             i += 1
 
         # step 1: data, new L2 tables (zeroed), refcount blocks, a new refcount table
+        if self._dw is not None and data_writes:
+            for off, p in data_writes:
+                self._dw.pwrite(p, off)
+            self._dw.sync()
         zero_cluster = bytes(cs)
         for j in new_l2:
             w.pwrite(zero_cluster, a.l2_tables[j] << cb)

@@ -42,7 +42,7 @@ def cluster_kind(gc, seed, kinds):
     k = KIND_OF[(gc * 2654435761 + seed * 40503) % 6 % 6]
     return k if k < kinds else 0
 
-def build(b, size, order, seed, kinds, zero_ok=True):
+def build(b, size, order, seed, kinds, zero_ok=True, compress_ok=True):
     """Write every cluster of ``order`` with ImageBuilder ``b``; return the expected content."""
     cs = b.cluster_size
     exp = bytearray(size)
@@ -56,7 +56,7 @@ def build(b, size, order, seed, kinds, zero_ok=True):
             b.write_zero(off, n)
             continue
         data = cluster_data(gc, cs, seed)[:n]
-        if kind == 1:
+        if kind == 1 and compress_ok:
             b.write_compressed(off, data)
         else:
             b.write(off, data)
@@ -202,6 +202,22 @@ def test_backing_file(tmp_path):
                           capture_output=True, text=True).stdout
     assert '"backing-filename-format": "qcow2"' in info
     assert_valid_and_equal(path, bytes(expected))
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_external_data_file(tmp_path, extended):
+    """Data in the data file at its guest offset; zero clusters; qemu-img finds the data file
+    through the header extension."""
+    path, data_file = tmp_path / "meta.qcow2", tmp_path / "data.raw"
+    size, cs = 8 * MiB, 65536
+    with ImageBuilder(path, size, data_file=str(data_file), extended_l2=extended,
+                      batch_bytes=MiB) as b:
+        expected = build(b, size, _order("shuffled", b.guest_clusters, 4), 6, 4,
+                         compress_ok=False)
+        with pytest.raises(BuilderError):   # QEMU cannot compress into a data file either
+            b.write_compressed(0, bytes(cs))
+    assert_valid_and_equal(path, bytes(expected))
+    assert data_file.stat().st_size == size
 
 
 def test_incompressible_cluster_falls_back_to_normal(tmp_path):
