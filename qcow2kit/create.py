@@ -569,6 +569,9 @@ class _Used:
     def __init__(self) -> None:
         self.starts: list[int] = []
         self.ends: list[int] = []
+        # when a list, every changed range [a, b) is recorded (the builder rewrites the
+        # refcount blocks that cover them)
+        self.touched: list[tuple[int, int]] | None = None
 
     def first_overlap(self, a: int, b: int) -> int | None:
         """Index of the first interval meeting [a, b), or None."""
@@ -585,6 +588,8 @@ class _Used:
             return
         if self.first_overlap(a, b) is not None:
             raise AssertionError(f"cluster range [{a}, {b}) already in use")
+        if self.touched is not None:
+            self.touched.append((a, b))
         i = bisect.bisect_left(self.starts, a)
         if i > 0 and self.ends[i - 1] == a:
             self.ends[i - 1] = b
@@ -598,6 +603,8 @@ class _Used:
             self.ends.insert(i, b)
 
     def remove(self, a: int, b: int) -> None:
+        if self.touched is not None:
+            self.touched.append((a, b))
         while True:
             i = self.first_overlap(a, b)
             if i is None:
@@ -693,6 +700,9 @@ class _Allocator:
         self.data_zero_writes: list[tuple[int, int]] = []
         self.fill: tuple[int, int, str] | None = None     # falloc/full range, image file
         self.data_fill: tuple[int, int, str] | None = None
+        # when a list, a replaced refcount table is not freed but recorded here as
+        # (offset, bytes): the builder frees it once the header points at the new one
+        self.defer_free: list[tuple[int, int]] | None = None
 
     # -- writes -------------------------------------------------------------
 
@@ -783,6 +793,14 @@ class _Allocator:
         self.refcount_area(meta_offset, 0, False, rti, new_block << self.cb)
         raise _EAgain()
 
+    def refcount_counts(self, rti: int) -> np.ndarray:
+        """The refcounts (0 or 1) of the clusters refcount block ``rti`` describes."""
+        counts = np.zeros(self.rb_size, dtype=np.uint64)
+        first = rti * self.rb_size
+        for s, e in self.used.runs_in(first, first + self.rb_size):
+            counts[s - first:e - first] = 1
+        return counts
+
     def refcount_metadata_size(self, clusters: int, generous: bool) -> int:
         """Number of refcount blocks (qcow2_refcount_metadata_size's refblock_count)."""
         per_table_cluster = self.cs // 8
@@ -844,7 +862,10 @@ class _Allocator:
         old_bytes = T.encode_u64_table(old_table)
         for k in range(old_bytes.__len__() // cs):
             self.stale[(old_offset >> self.cb) + k] = bytearray(old_bytes[k * cs:(k + 1) * cs])
-        self.free_clusters(old_offset, old_table.shape[0] * 8)
+        if self.defer_free is not None:
+            self.defer_free.append((old_offset, old_table.shape[0] * 8))
+        else:
+            self.free_clusters(old_offset, old_table.shape[0] * 8)
         return end_offset
 
     def free_clusters(self, offset: int, length: int) -> None:
@@ -1059,12 +1080,9 @@ class CreatePlan:
         if self._block_index is None:
             self._block_index = {int(off) >> a.cb: i for i, off in enumerate(a.reftable.tolist())
                                  if off}
-        counts = np.zeros(a.rb_size, dtype=np.uint64)
         i = self._block_index.get(cluster)
-        if i is not None:
-            first = i * a.rb_size
-            for s, e in a.used.runs_in(first, first + a.rb_size):
-                counts[s - first:e - first] = 1
+        counts = (a.refcount_counts(i) if i is not None
+                  else np.zeros(a.rb_size, dtype=np.uint64))
         return T.encode_refcount_block(counts, a.order)
 
     def l2_table(self, l1_index: int) -> bytes:

@@ -20,7 +20,7 @@ import fcntl
 import os
 import signal
 import struct
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from .errors import ImageLockedError, Qcow2Error
 
@@ -31,6 +31,7 @@ PERM_RESIZE = 3
 LOCK_PERM_BASE = 100
 LOCK_SHARED_BASE = 200
 
+_IOV_MAX = 1024
 _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 # struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
@@ -112,6 +113,19 @@ class ImageWriter:
         done = 0
         while done < len(mv):
             done += os.pwrite(self.fd, mv[done:], offset + done)
+
+    def pwritev(self, buffers: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
+        """``buffers`` one after the other from ``offset`` (few system calls)."""
+        views = [memoryview(b).cast("B") for b in buffers]
+        i = 0
+        while i < len(views):
+            done = os.pwritev(self.fd, views[i:i + _IOV_MAX], offset)
+            offset += done
+            while i < len(views) and done >= len(views[i]):
+                done -= len(views[i])
+                i += 1
+            if done:
+                views[i] = views[i][done:]
 
     def sync(self) -> None:
         os.fsync(self.fd)

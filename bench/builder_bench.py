@@ -1,0 +1,124 @@
+"""Building a qcow2 image from a raw file: qcow2kit's ImageBuilder against `qemu-img convert`.
+
+    python -m bench.builder_bench                    # 4 GiB (about 15 GiB of temporary files)
+    python -m bench.builder_bench --size 1G          # quicker
+    python -m bench.builder_bench --json build.json
+
+Writes a raw file of --size (pseudo-random clusters, every 8th cluster all zeros) in a fresh
+temporary directory (under --workdir if given, removed unless --keep), then, --repeat times,
+alternating the order: `qcow2kit.builder.build_from_raw` in a child Python process,
+`qemu-img convert -O qcow2` of the same file (its defaults: zero detection, cache=unsafe: no
+flush at all) and the same with `-t writeback` (one flush at the end), each to a new image;
+`sync` before each run; wall time from start to exit of the child.  The builder fsyncs between
+its ordered steps (see qcow2kit/builder.py).  Then `qemu-img check` of the three
+images (must exit 0) and `qemu-img compare` of each with the raw file (must be equal), and prints
+the medians and the ratio builder/qemu-img.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qcow2kit.create import parse_image_size
+
+CLUSTER = 65536
+CHUNK = 8 << 20
+
+
+def make_raw(path: Path, size: int) -> None:
+    words = CHUNK // 8
+    base = np.arange(words, dtype=np.uint64)
+    with open(path, "wb") as f:
+        for i, off in enumerate(range(0, size, CHUNK)):
+            w = base + np.uint64(i * words + 1)
+            with np.errstate(over="ignore"):
+                w *= np.uint64(0x9E3779B97F4A7C15)
+                w ^= w >> np.uint64(31)
+            w.reshape(-1, CLUSTER // 8)[::8] = 0
+            f.write(w.tobytes()[:size - off])
+
+
+def timed(cmd: list[str]) -> float:
+    subprocess.run(["sync"], check=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="4G")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workdir")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    size = parse_image_size(args.size)[0]
+    d = Path(tempfile.mkdtemp(prefix="builder-bench-", dir=args.workdir))
+    try:
+        raw = d / "src.raw"
+        make_raw(raw, size)
+        ours, qemu = d / "builder.qcow2", d / "qemu.qcow2"
+        build = [sys.executable, "-c",
+                 "import sys; from qcow2kit.builder import build_from_raw; "
+                 "build_from_raw(sys.argv[1], sys.argv[2])", str(ours), str(raw)]
+        conv = ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qemu)]
+        qemu_wb = d / "qemu-writeback.qcow2"
+        conv_wb = ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", "qcow2", str(raw),
+                   str(qemu_wb)]
+        times: dict[str, list[float]] = {"builder": [], "qemu-img convert": [],
+                                         "qemu-img convert -t writeback": []}
+        for r in range(args.repeat):
+            pair = [("builder", build, ours), ("qemu-img convert", conv, qemu),
+                    ("qemu-img convert -t writeback", conv_wb, qemu_wb)]
+            for name, cmd, out in (pair if r % 2 == 0 else pair[::-1]):
+                out.unlink(missing_ok=True)
+                times[name].append(timed(cmd))
+        checks = {}
+        for name, img in (("builder", ours), ("qemu-img convert", qemu),
+                          ("qemu-img convert -t writeback", qemu_wb)):
+            chk = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True)
+            cmp = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(img),
+                                  str(raw)], capture_output=True, text=True)
+            checks[name] = {"check_exit": chk.returncode, "compare_exit": cmp.returncode,
+                            "check": chk.stdout.strip().splitlines()[-2:],
+                            "file_bytes": img.stat().st_size}
+        med = {k: statistics.median(v) for k, v in times.items()}
+        ratio = med["builder"] / med["qemu-img convert"]
+        ratio_wb = med["builder"] / med["qemu-img convert -t writeback"]
+        print(f"raw file: {size} bytes, 64 KiB clusters, 1/8 of them zero; {args.repeat} runs each")
+        for k in times:
+            print(f"{k:30} median {med[k]:7.2f} s  runs {', '.join(f'{t:.2f}' for t in times[k])}"
+                  f"  check exit {checks[k]['check_exit']}, compare exit {checks[k]['compare_exit']}"
+                  f"  {checks[k]['check'][0] if checks[k]['check'] else ''}")
+        print(f"ratio builder / qemu-img convert: {ratio:.2f}x (its default cache=unsafe never "
+              f"flushes); builder / qemu-img convert -t writeback (flushes once at the end): "
+              f"{ratio_wb:.2f}x")
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "size": size, "times": times, "median": med, "ratio": ratio, "ratio_writeback": ratio_wb,
+                "checks": checks,
+                "machine": platform.platform(), "cpus": os.cpu_count(),
+                "qemu_img": subprocess.run(["qemu-img", "--version"], capture_output=True,
+                                           text=True).stdout.splitlines()[0]}, indent=2))
+        ok = all(c["check_exit"] == 0 and c["compare_exit"] == 0 for c in checks.values())
+        return 0 if ok else 1
+    finally:
+        if not args.keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

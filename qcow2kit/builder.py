@@ -1,0 +1,436 @@
+"""Write a new qcow2 image cluster by cluster: :class:`ImageBuilder`.
+
+The builder starts from the file ``qemu-img create`` writes (it calls
+:func:`qcow2kit.create.create`, so the header, refcount table, first refcount
+block and L1 table are byte for byte QEMU's) and then keeps using create's
+allocator (a replay of QEMU's ``qcow2_alloc_clusters``, ``alloc_refcount_block``
+and ``qcow2_refcount_area``) to place data clusters, L2 tables and new
+refcount blocks, growing the refcount table with self-describing refcount
+blocks when it runs out.  Host clusters are appended in the order the caller
+writes them, so writing in guest order gives an unfragmented file and writing
+in any other order chooses that host order.
+
+Write order. Writes are queued and flushed in batches (``batch_bytes``), each batch in
+up to four steps, each ended by an ``fsync`` (and :meth:`ImageWriter.step`, the crash-
+test hook): (1) the batch's data clusters and compressed streams (data in an external
+data file synced first), its new L2 tables (zeroed), every refcount block whose counts
+changed and, when the refcount table had to grow, the new table; (2) only when the
+refcount table changed: the entries of the table in place, or the header's
+``refcount_table_offset``/``refcount_table_clusters`` (one 12-byte write) when it moved;
+(3) the L2 tables with the batch's entries (and the refcount block that frees a replaced
+refcount table); (4) the L1 entries of new L2 tables. So a cluster and its refcount are
+on disk before any L2 entry points at it, a refcount block before the refcount table
+entry that points at it, L2 entries before the L1 entry, and the header (which otherwise
+never changes after create) only after the structures it points at. A writer killed at
+any moment leaves an image that ``qemu-img check`` finds clean or with leaked clusters
+only (allocated, not yet referenced), and every cluster of a batch whose last step was
+synced reads back.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from . import spec
+from . import tables as T
+from .create import CreatePlan, create
+from .errors import Qcow2Error
+from .layout import header as H
+from .writer import ImageWriter
+
+DEFAULT_BATCH_BYTES = 64 << 20
+L2_GROUP = 8                 # L2 tables allocated together (keeps guest-order data contiguous)
+
+_DATA, _ZERO, _COMPRESSED = 0, 1, 2
+_ALL_ALLOC = np.uint64(0xFFFFFFFF)
+_ALL_ZERO = np.uint64(0xFFFFFFFF << 32)
+
+
+class BuilderError(Qcow2Error, ValueError):
+    """A write the builder cannot do (misaligned, beyond the end, written twice...)."""
+
+
+def compress_cluster(data: bytes, compression_type: str) -> bytes:
+    """One cluster compressed as QEMU stores it: raw deflate (zlib, window bits -12) or a
+    zstd frame."""
+    if compression_type == "zstd":
+        import zstandard
+
+        return bytes(zstandard.ZstdCompressor().compress(data))
+    c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
+    return c.compress(data) + c.flush()
+
+
+class ImageBuilder:
+    """Build a new image at ``path`` (created, or truncated when it exists).
+
+    ``write(guest_offset, data)`` writes whole clusters of normal data (the last
+    cluster of an image whose size is not a multiple of the cluster size may be
+    short); ``write_zero`` makes zero clusters (qcow2 v3); ``write_compressed``
+    compressed clusters (zlib or zstd after ``compression_type``; a cluster that
+    does not shrink is written normally, as QEMU does).  Each guest cluster is
+    written at most once.  ``finish()`` (or leaving the ``with`` block without
+    an exception) flushes what is queued; after an exception only the batches
+    already flushed are in the image, which stays valid.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], size: int, *, cluster_size: int = 65536,
+                 compat: str = "1.1", refcount_bits: int = 16, extended_l2: bool = False,
+                 compression_type: str = "zlib", backing_file: str | None = None,
+                 backing_fmt: str | None = None, data_file: str | None = None,
+                 lazy_refcounts: bool = False,
+                 batch_bytes: int = DEFAULT_BATCH_BYTES,
+                 on_commit: Callable[[np.ndarray], None] | None = None) -> None:
+        self.path = os.fspath(path)
+        options: dict[str, Any] = {"cluster_size": cluster_size, "compat": compat,
+                                   "refcount_bits": refcount_bits}
+        if extended_l2:
+            options["extended_l2"] = True
+        if compression_type != "zlib":
+            options["compression_type"] = compression_type
+        if lazy_refcounts:
+            options["lazy_refcounts"] = True
+        if data_file is not None:
+            options["data_file"] = data_file
+        self.plan: CreatePlan = create(self.path, size, options=options,
+                                       backing_file=backing_file, backing_fmt=backing_fmt)
+        o = self.plan.options
+        a = self.plan._alloc
+        self.options = o
+        self._a = a
+        self.size = o.size
+        self.cluster_size = cs = o.cluster_size
+        self.cluster_bits = o.cluster_bits
+        self.compression_type = compression_type
+        self.geo = T.L2Geometry(o.cluster_bits, o.extended_l2, o.data_file is not None)
+        self.l2_size = a.l2_size
+        self.l2_bits = a.l2_bits
+        self.guest_clusters = -(-o.size // cs)
+        self.max_refcount = (1 << o.refcount_bits) - 1
+        self.batch_bytes = max(batch_bytes, cs)
+        self.on_commit = on_commit
+        a.used.touched = []
+        a.defer_free = []
+        self._l2: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        # queued writes: (guest cluster, kind, payload)
+        self._pending: list[tuple[int, int, bytes | memoryview]] = []
+        self._pending_guest: set[int] = set()
+        self._pending_bytes = 0
+        self._extra: dict[int, dict[int, int]] = {}   # rti -> {cluster: extra references}
+        self._touched_rti: set[int] = set()
+        self._comp_cluster = -1      # host cluster being packed with compressed streams
+        self._comp_pos = 0           # next free byte in it
+        self._w: ImageWriter | None = ImageWriter(self.path)
+        # with an external data file, guest cluster n is host cluster n of that file (no
+        # refcounts, as QEMU does without data_file_raw too)
+        self._dw = ImageWriter(o.data_file) if o.data_file is not None else None
+
+    # -- the caller's side ------------------------------------------------------
+
+    def __enter__(self) -> "ImageBuilder":
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.close()
+
+    def _clusters(self, guest_offset: int, length: int) -> range:
+        cs = self.cluster_size
+        if guest_offset % cs or guest_offset < 0:
+            raise BuilderError(f"guest offset {guest_offset:#x} is not cluster aligned")
+        end = guest_offset + length
+        if end > self.size:
+            raise BuilderError(f"write [{guest_offset:#x}, {end:#x}) beyond the virtual size "
+                               f"{self.size:#x}")
+        if length % cs and end != self.size:
+            raise BuilderError(f"length {length:#x} is not a whole number of clusters")
+        first = guest_offset // cs
+        return range(first, first + -(-length // cs))
+
+    def _queue(self, gc: int, kind: int, payload: bytes | memoryview) -> None:
+        if gc in self._pending_guest or self._entry_set(gc):
+            raise BuilderError(f"guest cluster {gc} written twice")
+        self._pending.append((gc, kind, payload))
+        self._pending_guest.add(gc)
+        self._pending_bytes += len(payload) + 64
+        if self._pending_bytes >= self.batch_bytes:
+            self.flush()
+
+    def _entry_set(self, gc: int) -> bool:
+        t = self._l2.get(gc >> self.l2_bits)
+        if t is None:
+            return False
+        i = gc & (self.l2_size - 1)
+        return bool(t[0][i]) or (t[1] is not None and bool(t[1][i]))
+
+    def _padded(self, data: bytes | bytearray | memoryview, i: int) -> bytes | memoryview:
+        """Cluster ``i`` of ``data``, zero-padded; ``bytes`` (or a view of ``bytes``: immutable)
+        are sliced, not copied."""
+        cs = self.cluster_size
+        whole = memoryview(data)
+        mv = whole.cast("B")[i * cs:(i + 1) * cs]
+        if len(mv) == cs and isinstance(whole.obj, bytes):
+            return mv
+        chunk = bytes(mv)
+        return chunk if len(chunk) == cs else chunk + bytes(cs - len(chunk))
+
+    def write(self, guest_offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Normal data clusters from ``guest_offset`` on (placed after what came before)."""
+        n = memoryview(data).nbytes
+        for i, gc in enumerate(self._clusters(guest_offset, n)):
+            self._queue(gc, _DATA, self._padded(data, i))
+
+    def write_zero(self, guest_offset: int, length: int) -> None:
+        """Zero clusters (reads as zeros, hides the backing file); qcow2 v3 only."""
+        if self.options.version < 3:
+            raise BuilderError("zero clusters need compat=1.1 (qcow2 v3)")
+        for gc in self._clusters(guest_offset, length):
+            self._queue(gc, _ZERO, b"")
+
+    def write_compressed(self, guest_offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Compressed clusters; one that does not shrink is stored as a normal cluster."""
+        if self._dw is not None:
+            raise BuilderError("compressed clusters cannot be written with an external data file")
+        n = memoryview(data).nbytes
+        for i, gc in enumerate(self._clusters(guest_offset, n)):
+            chunk = self._padded(data, i)
+            packed = compress_cluster(bytes(chunk), self.compression_type)
+            if len(packed) >= self.cluster_size:
+                self._queue(gc, _DATA, chunk)
+            else:
+                self._queue(gc, _COMPRESSED, packed)
+
+    def finish(self) -> None:
+        """Flush what is queued and close the image."""
+        if self._w is not None:
+            self.flush()
+        self.close()
+
+    def close(self) -> None:
+        """Close without flushing (queued writes are dropped; the image stays valid)."""
+        if self._w is not None:
+            self._w.close()
+            self._w = None
+        if self._dw is not None:
+            self._dw.close()
+            self._dw = None
+
+    # -- one batch ----------------------------------------------------------------
+
+    def _l2_table(self, l1_index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        t = self._l2.get(l1_index)
+        if t is None:
+            t = (np.zeros(self.l2_size, dtype=np.uint64),
+                 np.zeros(self.l2_size, dtype=np.uint64) if self.geo.extended else None)
+            self._l2[l1_index] = t
+        return t
+
+    def _alloc_compressed(self, nbytes: int) -> int:
+        """Byte offset for a compressed stream: packed after the previous one when it fits
+        in the same host cluster (one more reference), else at a new cluster."""
+        cs = self.cluster_size
+        c = self._comp_cluster
+        if c >= 0 and self._comp_pos + nbytes <= (c + 1) * cs:
+            rti = c >> self._a.rb_bits
+            extra = self._extra.setdefault(rti, {})
+            if extra.get(c, 0) + 2 <= self.max_refcount:
+                extra[c] = extra.get(c, 0) + 1
+                self._touched_rti.add(rti)
+                off = self._comp_pos
+                self._comp_pos += nbytes
+                return off
+        off = self._a.alloc_clusters(cs)
+        self._comp_cluster = off >> self.cluster_bits
+        self._comp_pos = off + nbytes
+        return off
+
+    def _refcount_block(self, rti: int) -> bytes:
+        a = self._a
+        counts = a.refcount_counts(rti)
+        first = rti * a.rb_size
+        for c, extra in self._extra.get(rti, {}).items():
+            counts[c - first] += np.uint64(extra)
+        return T.encode_refcount_block(counts, a.order)
+
+    def _rtis(self, touched: list[tuple[int, int]]) -> set[int]:
+        bits = self._a.rb_bits
+        out = set(self._touched_rti)
+        for s, e in touched:
+            out.update(range(s >> bits, ((e - 1) >> bits) + 1))
+        return out
+
+    def _sync(self) -> None:
+        assert self._w is not None
+        self._w.sync()
+
+    def flush(self) -> None:
+        """Write the queued clusters in the order of the module docstring."""
+        w = self._w
+        if w is None:
+            raise BuilderError("the builder is closed")
+        if not self._pending:
+            return
+        a = self._a
+        cs, cb = self.cluster_size, self.cluster_bits
+        pending, self._pending = self._pending, []
+        self._pending_guest = set()
+        self._pending_bytes = 0
+        touched: list[tuple[int, int]] = []
+        a.used.touched = touched
+        self._touched_rti = set()
+        old_reftable = a.reftable.copy()
+        old_reftable_offset = a.reftable_offset
+
+        # placement: L2 tables first (in groups), then the clusters in the order written
+        l1_size = a.l1.shape[0]
+        new_l2: list[int] = []
+        for l1_index in sorted({gc >> self.l2_bits for gc, kind, _ in pending}):
+            if l1_index in a.l2_tables:
+                continue
+            for j in range(l1_index, min(l1_index + L2_GROUP, l1_size)):
+                if j not in a.l2_tables:
+                    a.get_cluster_table(j << (cb + self.l2_bits))
+                    self._l2_table(j)
+                    new_l2.append(j)
+        writes: list[tuple[int, list[bytes | memoryview]]] = []   # host-contiguous runs
+        dirty_l2: set[int] = set()
+        data_writes: list[tuple[int, bytes | memoryview]] = []
+        i = 0
+        while i < len(pending):
+            gc, kind, payload = pending[i]
+            if kind == _DATA:
+                j = i
+                while j < len(pending) and pending[j][1] == _DATA:
+                    j += 1
+                if self._dw is not None:     # the data file: host offset = guest offset
+                    for k in range(i, j):
+                        g = pending[k][0]
+                        data_writes.append((g * cs, pending[k][2]))
+                        e, b = self._l2_table(g >> self.l2_bits)
+                        e[g & (self.l2_size - 1)] = np.uint64((g * cs) | spec.OFLAG_COPIED)
+                        if b is not None:
+                            b[g & (self.l2_size - 1)] = _ALL_ALLOC
+                        dirty_l2.add(g >> self.l2_bits)
+                    i = j
+                    continue
+                host = a.alloc_clusters((j - i) * cs)
+                writes.append((host, [pending[k][2] for k in range(i, j)]))
+                for k in range(i, j):
+                    g = pending[k][0]
+                    off = host + (k - i) * cs
+                    e, b = self._l2_table(g >> self.l2_bits)
+                    e[g & (self.l2_size - 1)] = np.uint64(off | spec.OFLAG_COPIED)
+                    if b is not None:
+                        b[g & (self.l2_size - 1)] = _ALL_ALLOC
+                    dirty_l2.add(g >> self.l2_bits)
+                i = j
+                continue
+            e, b = self._l2_table(gc >> self.l2_bits)
+            idx = gc & (self.l2_size - 1)
+            if kind == _ZERO:
+                if b is not None:
+                    b[idx] = _ALL_ZERO
+                else:
+                    e[idx] = np.uint64(spec.OFLAG_ZERO)
+            else:
+                off = self._alloc_compressed(len(payload))
+                writes.append((off, [payload]))
+                e[idx] = T.compressed_descriptor(np.array([off]), np.array([len(payload)]),
+                                                 self.geo)[0]
+            dirty_l2.add(gc >> self.l2_bits)
+            i += 1
+
+        # step 1: data, new L2 tables (zeroed), refcount blocks, a new refcount table
+        if self._dw is not None and data_writes:
+            for off, p in data_writes:
+                self._dw.pwrite(p, off)
+            self._dw.sync()
+        zero_cluster = bytes(cs)
+        for j in new_l2:
+            w.pwrite(zero_cluster, a.l2_tables[j] << cb)
+        for off, bufs in writes:
+            w.pwritev(bufs, off)
+        for rti in sorted(self._rtis(touched)):
+            w.pwrite(self._refcount_block(rti), int(a.reftable[rti]))
+        moved = a.reftable_offset != old_reftable_offset
+        if moved:
+            w.pwrite(T.encode_u64_table(a.reftable), a.reftable_offset)
+        w.sync()
+        w.step()
+
+        # step 2: the refcount table entries in place, or the header pointing at a new table
+        if moved:
+            off, raw = H.field_patch("refcount_table_offset", a.reftable_offset)
+            off2, raw2 = H.field_patch("refcount_table_clusters", a.reftable.shape[0] * 8 // cs)
+            assert off2 == off + len(raw)
+            w.pwrite(raw + raw2, off)
+            w.sync()
+            w.step()
+        elif not np.array_equal(old_reftable, a.reftable):
+            changed = np.flatnonzero(old_reftable != a.reftable)
+            lo, hi = int(changed[0]), int(changed[-1]) + 1
+            w.pwrite(T.encode_u64_table(a.reftable[lo:hi]), a.reftable_offset + 8 * lo)
+            w.sync()
+            w.step()
+
+        # step 3: L2 entries (and the refcount blocks that free a replaced refcount table)
+        if a.defer_free:
+            touched.clear()
+            self._touched_rti = set()
+            free_index = a.free_index
+            for off, n in a.defer_free:
+                a.free_clusters(off, n)
+            a.defer_free.clear()
+            a.free_index = free_index      # keep appending: freed clusters stay a hole
+            for rti in sorted(self._rtis(touched)):
+                w.pwrite(self._refcount_block(rti), int(a.reftable[rti]))
+        for j in sorted(dirty_l2 | set(new_l2)):
+            e, b = self._l2[j]
+            w.pwrite(T.encode_l2(e, b), a.l2_tables[j] << cb)
+        w.sync()
+        w.step()
+
+        # step 4: L1 entries of the new L2 tables
+        if new_l2:
+            lo, hi = min(new_l2), max(new_l2) + 1
+            w.pwrite(T.encode_u64_table(a.l1[lo:hi]), a.l1_offset + 8 * lo)
+            w.sync()
+        if self.on_commit is not None:
+            self.on_commit(np.array([gc for gc, _, _ in pending], dtype=np.int64))
+        if new_l2:
+            w.step()
+        a.used.touched = []
+
+
+def build_from_raw(path: str | os.PathLike[str], raw_path: str | os.PathLike[str],
+                   **options: Any) -> None:
+    """An image with the content of a raw file: all-zero clusters left unallocated, the
+    others written in guest order (so the image is unfragmented)."""
+    size = os.path.getsize(raw_path)
+    with ImageBuilder(path, size, **options) as b, open(raw_path, "rb") as f:
+        cs = b.cluster_size
+        chunk = max(cs, 8 << 20) // cs * cs
+        off = 0
+        while off < size:
+            buf = f.read(chunk)
+            if not buf:
+                break
+            arr = np.frombuffer(buf + bytes(-len(buf) % cs), dtype=np.uint64)
+            nz = arr.reshape(-1, cs // 8).any(axis=1)
+            for i in np.flatnonzero(nz).tolist():
+                b.write(off + i * cs, memoryview(buf)[i * cs:(i + 1) * cs])
+            off += len(buf)
+
+
+def builder_options(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :class:`ImageBuilder` found in ``mapping``."""
+    names = ("cluster_size", "compat", "refcount_bits", "extended_l2", "compression_type",
+             "backing_file", "backing_fmt", "lazy_refcounts", "batch_bytes")
+    return {k: mapping[k] for k in names if k in mapping}
