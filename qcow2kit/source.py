@@ -84,6 +84,10 @@ class ByteSource:
         data = self._read(offset, avail) if avail else b""
         return data + bytes(length - avail) if avail < length else data
 
+    def fileno(self) -> int:
+        """The descriptor the bytes are read through (-1 once closed)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
     def close(self) -> None:
         pass
 
@@ -157,6 +161,9 @@ class PreadSource(ByteSource):
     def closed(self) -> bool:
         return self.fd < 0
 
+    def fileno(self) -> int:
+        return self.fd
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -183,6 +190,9 @@ class MmapSource(ByteSource):
     @property
     def closed(self) -> bool:
         return self._pread.closed
+
+    def fileno(self) -> int:
+        return self._pread.fd
 
     def close(self) -> None:
         if self._map is not None:

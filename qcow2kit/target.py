@@ -34,6 +34,7 @@ import stat
 from typing import TYPE_CHECKING
 
 from .errors import TargetError
+from .source import ByteSource
 from .writer import lock_for_writing
 
 if TYPE_CHECKING:
@@ -63,11 +64,11 @@ def source_files(img: "Image") -> dict[FileId, str]:
     return files
 
 
-def _file_id(src: object) -> FileId:
-    fd = getattr(src, "fd", None)
-    if fd is None:                       # an mmap source keeps its pread source inside
-        fd = getattr(getattr(src, "_pread", None), "fd", None)
-    st = os.fstat(fd) if isinstance(fd, int) and fd >= 0 else os.stat(getattr(src, "path"))
+def _file_id(src: ByteSource) -> FileId:
+    fd = src.fileno()
+    if fd >= 0:
+        return _file_id_fd(fd)
+    st = os.stat(src.path)
     return (st.st_dev, st.st_ino)
 
 

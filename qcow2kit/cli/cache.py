@@ -26,10 +26,8 @@ def make_cold(sources: Sequence[ByteSource]) -> str:
         pass
     ok = hasattr(os, "posix_fadvise")
     for src in sources:
-        fd = getattr(src, "fd", None)
-        if fd is None:
-            fd = getattr(getattr(src, "_pread", None), "fd", None)
-        if not ok or not isinstance(fd, int) or fd < 0:
+        fd = src.fileno()
+        if not ok or fd < 0:
             ok = False
             continue
         try:
