@@ -155,12 +155,7 @@ def _convert_host_order(plan: HostOrderPlan, specs: Iterator[ReadSpec], target: 
     fd = target.fd
 
     def copy(spec: ReadSpec) -> tuple[int, int]:
-        try:
-            item = read_one(plan, spec)
-        except OSError as exc:
-            if exc.filename is not None:
-                raise
-            raise _io_error(exc, plan.files[spec.file], "read", spec.host) from exc
+        item = read_one(plan, spec)      # a read error already names its file and offset
         done = wrote = 0
         for guest, n, data in item.pieces:
             wrote += _write_nonzero(fd, guest, data, target.path)

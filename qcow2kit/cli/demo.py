@@ -17,13 +17,7 @@ from ..image import Image
 from ..info import image_info
 from ..sample import make_fragmented_image
 from .render.info import render_info_human
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
+from .render.output import human_bytes
 
 
 def run_demo(path: str, *, size: int = 256 << 20, seed: int = 1) -> tuple[str, bool]:
@@ -65,9 +59,9 @@ def run_demo(path: str, *, size: int = 256 << 20, seed: int = 1) -> tuple[str, b
         out.append("== guest-to-host map (first runs, guest order)")
         out.extend(shown)
         out.append("   ...")
-        out.append(f"   data {_fmt_bytes(kinds[T.DATA])}, compressed "
-                   f"{_fmt_bytes(kinds[T.COMPRESSED])}, zero {_fmt_bytes(kinds[T.ZERO])}, "
-                   f"unallocated {_fmt_bytes(kinds[T.UNALLOCATED])}")
+        out.append(f"   data {human_bytes(kinds[T.DATA])}, compressed "
+                   f"{human_bytes(kinds[T.COMPRESSED])}, zero {human_bytes(kinds[T.ZERO])}, "
+                   f"unallocated {human_bytes(kinds[T.UNALLOCATED])}")
         out.append(f"   reading in guest order issues {runs} requests; the host offset jumps "
                    f"{jumps} times, {back_jumps} of them backwards (each a seek on a rotating disk)")
         out.append("")
@@ -96,5 +90,5 @@ def run_demo(path: str, *, size: int = 256 << 20, seed: int = 1) -> tuple[str, b
         took = time.perf_counter() - t0
         out.append("== read-back check")
         verdict = "every byte matches" if bad == 0 else f"{bad} BYTES DIFFER"
-        out.append(f"   read {_fmt_bytes(img.size)} of guest data in {took:.2f} s: {verdict}")
+        out.append(f"   read {human_bytes(img.size)} of guest data in {took:.2f} s: {verdict}")
     return "\n".join(out) + "\n", bad == 0

@@ -13,7 +13,6 @@ from .header import Header, _align_up
 
 
 @dataclass
-@dataclass
 class Bitmap:
     """One persistent dirty bitmap (a bitmap directory entry)."""
 

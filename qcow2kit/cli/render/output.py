@@ -166,16 +166,16 @@ class progress_bar:  # noqa: N801 - used as a function: ``with progress_bar(n) a
             self._bar = None
         if self.enabled and exc_type is None:
             took = max(time.monotonic() - self._t0, 1e-9)
-            line = f"{self.what} {_human_bytes(self.done)} in {took:.2f} s"
+            line = f"{self.what} {human_bytes(self.done)} in {took:.2f} s"
             if self.done:
-                line += f" ({_human_bytes(int(self.done / took))}/s)"
+                line += f" ({human_bytes(int(self.done / took))}/s)"
             if self.of_size is not None:
-                line += (f"; {_human_bytes(max(0, self.of_size - self.done))} of the "
-                         f"{_human_bytes(self.of_size)} disk read as zeros and were skipped")
+                line += (f"; {human_bytes(max(0, self.of_size - self.done))} of the "
+                         f"{human_bytes(self.of_size)} disk read as zeros and were skipped")
             _write_text(self._out(), line + "\n")
 
 
-def _human_bytes(n: int) -> str:
+def human_bytes(n: int) -> str:
     """1536 -> '1.5 KiB' (binary units, one decimal)."""
     for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
