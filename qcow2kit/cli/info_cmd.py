@@ -6,9 +6,7 @@ import argparse
 import textwrap
 
 from .args import (EXIT_OK, help_formatter)
-from .render.info import render_info_chain_human, render_info_human
 from .render.output import emit
-from .render.qemujson import to_qemu_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .render.info import render_info_chain_human, render_info_human
+    from .render.qemujson import to_qemu_json
     from .. import image as image_mod
     from ..info import chain_info, image_info
 

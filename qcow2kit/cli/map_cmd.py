@@ -6,7 +6,6 @@ import argparse
 import textwrap
 
 from .args import (EXIT_OK, CommandError, help_formatter, OptionError, parse_memory, parse_size)
-from .render.map import map_human_chunks, map_json_chunks
 from .render.output import emit_chunks
 
 
@@ -57,6 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .render.map import map_human_chunks, map_json_chunks   # numpy tables: only for map
     from .. import image as image_mod
     from ..mapping import layer_filenames, map_batches
 
