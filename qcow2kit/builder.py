@@ -25,6 +25,14 @@ never changes after create) only after the structures it points at. A writer kil
 any moment leaves an image that ``qemu-img check`` finds clean or with leaked clusters
 only (allocated, not yet referenced), and every cluster of a batch whose last step was
 synced reads back.
+
+``cache="unsafe"`` (qemu-img's name; its ``convert`` default) drops the fsyncs and keeps
+the order of the writes: a killed process still leaves a valid image, because the page
+cache keeps what was written, but after a power cut the disk may hold later steps without
+earlier ones.  Use it where the image can be rebuilt, as qemu-img convert does.
+
+Calls are cheap per run, not per cluster: ``write`` of many clusters queues one run, and
+the L2 entries of a run are set with numpy slices.
 """
 
 from __future__ import annotations
@@ -44,6 +52,10 @@ from .layout import header as H
 from .writer import ImageWriter
 
 DEFAULT_BATCH_BYTES = 64 << 20
+# QEMU's names (qemu-img -t): "writeback" honours the flushes that order the steps (an fsync
+# after each), "unsafe" ignores them (the write order is kept, so a killed process still
+# leaves a valid image, but a power cut may not); qemu-img convert uses "unsafe" by default.
+CACHE_MODES = ("writeback", "unsafe")
 L2_GROUP = 8                 # L2 tables allocated together (keeps guest-order data contiguous)
 
 _DATA, _ZERO, _COMPRESSED = 0, 1, 2
@@ -84,9 +96,12 @@ class ImageBuilder:
                  compression_type: str = "zlib", backing_file: str | None = None,
                  backing_fmt: str | None = None, data_file: str | None = None,
                  lazy_refcounts: bool = False,
-                 batch_bytes: int = DEFAULT_BATCH_BYTES,
+                 batch_bytes: int = DEFAULT_BATCH_BYTES, cache: str = "writeback",
                  on_commit: Callable[[np.ndarray], None] | None = None) -> None:
+        if cache not in CACHE_MODES:
+            raise BuilderError(f"cache mode {cache!r} is not one of {', '.join(CACHE_MODES)}")
         self.path = os.fspath(path)
+        self.cache = cache
         options: dict[str, Any] = {"cluster_size": cluster_size, "compat": compat,
                                    "refcount_bits": refcount_bits}
         if extended_l2:
@@ -117,9 +132,10 @@ class ImageBuilder:
         a.used.touched = []
         a.defer_free = []
         self._l2: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
-        # queued writes: (guest cluster, kind, payload)
-        self._pending: list[tuple[int, int, bytes | memoryview]] = []
-        self._pending_guest: set[int] = set()
+        # per L2 table: which of its guest clusters were queued (written at most once)
+        self._written: dict[int, np.ndarray] = {}
+        # queued writes: runs of guest clusters (first, count, kind, buffers)
+        self._pending: list[tuple[int, int, int, list[bytes | memoryview]]] = []
         self._pending_bytes = 0
         self._extra: dict[int, dict[int, int]] = {}   # rti -> {cluster: extra references}
         self._touched_rti: set[int] = set()
@@ -154,58 +170,72 @@ class ImageBuilder:
         first = guest_offset // cs
         return range(first, first + -(-length // cs))
 
-    def _queue(self, gc: int, kind: int, payload: bytes | memoryview) -> None:
-        if gc in self._pending_guest or self._entry_set(gc):
-            raise BuilderError(f"guest cluster {gc} written twice")
-        self._pending.append((gc, kind, payload))
-        self._pending_guest.add(gc)
-        self._pending_bytes += len(payload) + 64
+    def _queue(self, first: int, count: int, kind: int, bufs: list[bytes | memoryview]) -> None:
+        """Queue ``count`` guest clusters from ``first`` (refused as a whole when any of them
+        was queued before)."""
+        spans = []
+        g, end = first, first + count
+        while g < end:
+            l1, i = g >> self.l2_bits, g & (self.l2_size - 1)
+            m = min(end - g, self.l2_size - i)
+            mask = self._written.get(l1)
+            if mask is None:
+                mask = self._written[l1] = np.zeros(self.l2_size, dtype=bool)
+            elif mask[i:i + m].any():
+                twice = g + int(np.argmax(mask[i:i + m]))
+                raise BuilderError(f"guest cluster {twice} written twice")
+            spans.append((mask, i, m))
+            g += m
+        for mask, i, m in spans:
+            mask[i:i + m] = True
+        self._pending.append((first, count, kind, bufs))
+        self._pending_bytes += sum(len(b) for b in bufs) + 64 * count
         if self._pending_bytes >= self.batch_bytes:
             self.flush()
 
-    def _entry_set(self, gc: int) -> bool:
-        t = self._l2.get(gc >> self.l2_bits)
-        if t is None:
-            return False
-        i = gc & (self.l2_size - 1)
-        return bool(t[0][i]) or (t[1] is not None and bool(t[1][i]))
-
-    def _padded(self, data: bytes | bytearray | memoryview, i: int) -> bytes | memoryview:
-        """Cluster ``i`` of ``data``, zero-padded; ``bytes`` (or a view of ``bytes``: immutable)
-        are sliced, not copied."""
+    def _run(self, data: bytes | bytearray | memoryview, count: int) -> list[bytes | memoryview]:
+        """``count`` clusters of ``data``, the last zero-padded; ``bytes`` (or a view of
+        ``bytes``: immutable) are not copied, other buffers are (the caller may reuse them)."""
         cs = self.cluster_size
         whole = memoryview(data)
-        mv = whole.cast("B")[i * cs:(i + 1) * cs]
-        if len(mv) == cs and isinstance(whole.obj, bytes):
-            return mv
-        chunk = bytes(mv)
-        return chunk if len(chunk) == cs else chunk + bytes(cs - len(chunk))
+        mv = whole.cast("B")
+        full = min(count, len(mv) // cs)
+        head: bytes | memoryview = mv[:full * cs]
+        if not isinstance(whole.obj, bytes):
+            head = bytes(head)
+        if full == count:
+            return [head]
+        tail = bytes(mv[full * cs:(full + 1) * cs])
+        return [head, tail + bytes(cs - len(tail))]
 
     def write(self, guest_offset: int, data: bytes | bytearray | memoryview) -> None:
         """Normal data clusters from ``guest_offset`` on (placed after what came before)."""
-        n = memoryview(data).nbytes
-        for i, gc in enumerate(self._clusters(guest_offset, n)):
-            self._queue(gc, _DATA, self._padded(data, i))
+        r = self._clusters(guest_offset, memoryview(data).nbytes)
+        if r:
+            self._queue(r.start, len(r), _DATA, self._run(data, len(r)))
 
     def write_zero(self, guest_offset: int, length: int) -> None:
         """Zero clusters (reads as zeros, hides the backing file); qcow2 v3 only."""
         if self.options.version < 3:
             raise BuilderError("zero clusters need compat=1.1 (qcow2 v3)")
-        for gc in self._clusters(guest_offset, length):
-            self._queue(gc, _ZERO, b"")
+        r = self._clusters(guest_offset, length)
+        if r:
+            self._queue(r.start, len(r), _ZERO, [])
 
     def write_compressed(self, guest_offset: int, data: bytes | bytearray | memoryview) -> None:
         """Compressed clusters; one that does not shrink is stored as a normal cluster."""
         if self._dw is not None:
             raise BuilderError("compressed clusters cannot be written with an external data file")
-        n = memoryview(data).nbytes
-        for i, gc in enumerate(self._clusters(guest_offset, n)):
-            chunk = self._padded(data, i)
+        cs = self.cluster_size
+        r = self._clusters(guest_offset, memoryview(data).nbytes)
+        mv = memoryview(data).cast("B")
+        for i, gc in enumerate(r):
+            chunk = self._run(mv[i * cs:(i + 1) * cs], 1)[0]
             packed = compress_cluster(bytes(chunk), self.compression_type)
-            if len(packed) >= self.cluster_size:
-                self._queue(gc, _DATA, chunk)
+            if len(packed) >= cs:
+                self._queue(gc, 1, _DATA, [chunk])
             else:
-                self._queue(gc, _COMPRESSED, packed)
+                self._queue(gc, 1, _COMPRESSED, [packed])
 
     def finish(self) -> None:
         """Flush what is queued and close the image."""
@@ -266,9 +296,30 @@ class ImageBuilder:
             out.update(range(s >> bits, ((e - 1) >> bits) + 1))
         return out
 
-    def _sync(self) -> None:
+    def _barrier(self) -> None:
+        """The end of one ordered step: an fsync unless the cache mode is "unsafe"."""
         assert self._w is not None
-        self._w.sync()
+        if self.cache == "writeback":
+            self._w.sync()
+        self._w.step()
+
+    def _set_entries(self, first: int, entries: np.ndarray | None, bitmap: np.uint64 | None,
+                     dirty: set[int], count: int = 0) -> None:
+        """L2 entries (and extended L2 bitmaps) of guest clusters ``first``... (split over
+        L2 tables); ``entries`` None leaves the entries as they are."""
+        n = count if entries is None else len(entries)
+        k = 0
+        while k < n:
+            g = first + k
+            l1, i = g >> self.l2_bits, g & (self.l2_size - 1)
+            m = min(n - k, self.l2_size - i)
+            e, b = self._l2_table(l1)
+            if entries is not None:
+                e[i:i + m] = entries[k:k + m]
+            if b is not None and bitmap is not None:
+                b[i:i + m] = bitmap
+            dirty.add(l1)
+            k += m
 
     def flush(self) -> None:
         """Write the queued clusters in the order of the module docstring."""
@@ -280,7 +331,6 @@ class ImageBuilder:
         a = self._a
         cs, cb = self.cluster_size, self.cluster_bits
         pending, self._pending = self._pending, []
-        self._pending_guest = set()
         self._pending_bytes = 0
         touched: list[tuple[int, int]] = []
         a.used.touched = touched
@@ -291,7 +341,10 @@ class ImageBuilder:
         # placement: L2 tables first (in groups), then the clusters in the order written
         l1_size = a.l1.shape[0]
         new_l2: list[int] = []
-        for l1_index in sorted({gc >> self.l2_bits for gc, kind, _ in pending}):
+        spanned: set[int] = set()
+        for first, count, _, _ in pending:
+            spanned.update(range(first >> self.l2_bits, ((first + count - 1) >> self.l2_bits) + 1))
+        for l1_index in sorted(spanned):
             if l1_index in a.l2_tables:
                 continue
             for j in range(l1_index, min(l1_index + L2_GROUP, l1_size)):
@@ -301,57 +354,52 @@ class ImageBuilder:
                     new_l2.append(j)
         writes: list[tuple[int, list[bytes | memoryview]]] = []   # host-contiguous runs
         dirty_l2: set[int] = set()
-        data_writes: list[tuple[int, bytes | memoryview]] = []
+        data_writes: list[tuple[int, list[bytes | memoryview]]] = []
+        flag = np.uint64(spec.OFLAG_COPIED)
         i = 0
         while i < len(pending):
-            gc, kind, payload = pending[i]
+            first, count, kind, bufs = pending[i]
             if kind == _DATA:
                 j = i
-                while j < len(pending) and pending[j][1] == _DATA:
+                while j < len(pending) and pending[j][2] == _DATA:
                     j += 1
                 if self._dw is not None:     # the data file: host offset = guest offset
-                    for k in range(i, j):
-                        g = pending[k][0]
-                        data_writes.append((g * cs, pending[k][2]))
-                        e, b = self._l2_table(g >> self.l2_bits)
-                        e[g & (self.l2_size - 1)] = np.uint64((g * cs) | spec.OFLAG_COPIED)
-                        if b is not None:
-                            b[g & (self.l2_size - 1)] = _ALL_ALLOC
-                        dirty_l2.add(g >> self.l2_bits)
-                    i = j
-                    continue
-                host = a.alloc_clusters((j - i) * cs)
-                writes.append((host, [pending[k][2] for k in range(i, j)]))
-                for k in range(i, j):
-                    g = pending[k][0]
-                    off = host + (k - i) * cs
-                    e, b = self._l2_table(g >> self.l2_bits)
-                    e[g & (self.l2_size - 1)] = np.uint64(off | spec.OFLAG_COPIED)
-                    if b is not None:
-                        b[g & (self.l2_size - 1)] = _ALL_ALLOC
-                    dirty_l2.add(g >> self.l2_bits)
+                    host = -1
+                else:                        # one host run for consecutive data runs
+                    host = a.alloc_clusters(sum(p[1] for p in pending[i:j]) * cs)
+                    writes.append((host, [buf for p in pending[i:j] for buf in p[3]]))
+                for first, count, _, bufs in pending[i:j]:
+                    if host < 0:
+                        data_writes.append((first * cs, bufs))
+                        start = first * cs
+                    else:
+                        start = host
+                        host += count * cs
+                    offsets = np.arange(count, dtype=np.uint64) * np.uint64(cs)
+                    offsets += np.uint64(start)
+                    self._set_entries(first, offsets | flag, _ALL_ALLOC, dirty_l2)
                 i = j
                 continue
-            e, b = self._l2_table(gc >> self.l2_bits)
-            idx = gc & (self.l2_size - 1)
             if kind == _ZERO:
-                if b is not None:
-                    b[idx] = _ALL_ZERO
+                if self.geo.extended:
+                    self._set_entries(first, None, _ALL_ZERO, dirty_l2, count)
                 else:
-                    e[idx] = np.uint64(spec.OFLAG_ZERO)
+                    self._set_entries(first, np.full(count, spec.OFLAG_ZERO, dtype=np.uint64),
+                                      None, dirty_l2)
             else:
+                payload = bufs[0]
                 off = self._alloc_compressed(len(payload))
                 writes.append((off, [payload]))
-                e[idx] = T.compressed_descriptor(np.array([off]), np.array([len(payload)]),
-                                                 self.geo)[0]
-            dirty_l2.add(gc >> self.l2_bits)
+                self._set_entries(first, T.compressed_descriptor(
+                    np.array([off]), np.array([len(payload)]), self.geo), None, dirty_l2)
             i += 1
 
         # step 1: data, new L2 tables (zeroed), refcount blocks, a new refcount table
         if self._dw is not None and data_writes:
-            for off, p in data_writes:
-                self._dw.pwrite(p, off)
-            self._dw.sync()
+            for off, bufs in data_writes:
+                self._dw.pwritev(bufs, off)
+            if self.cache == "writeback":
+                self._dw.sync()
         zero_cluster = bytes(cs)
         for j in new_l2:
             w.pwrite(zero_cluster, a.l2_tables[j] << cb)
@@ -362,8 +410,7 @@ class ImageBuilder:
         moved = a.reftable_offset != old_reftable_offset
         if moved:
             w.pwrite(T.encode_u64_table(a.reftable), a.reftable_offset)
-        w.sync()
-        w.step()
+        self._barrier()
 
         # step 2: the refcount table entries in place, or the header pointing at a new table
         if moved:
@@ -371,14 +418,12 @@ class ImageBuilder:
             off2, raw2 = H.field_patch("refcount_table_clusters", a.reftable.shape[0] * 8 // cs)
             assert off2 == off + len(raw)
             w.pwrite(raw + raw2, off)
-            w.sync()
-            w.step()
+            self._barrier()
         elif not np.array_equal(old_reftable, a.reftable):
             changed = np.flatnonzero(old_reftable != a.reftable)
             lo, hi = int(changed[0]), int(changed[-1]) + 1
             w.pwrite(T.encode_u64_table(a.reftable[lo:hi]), a.reftable_offset + 8 * lo)
-            w.sync()
-            w.step()
+            self._barrier()
 
         # step 3: L2 entries (and the refcount blocks that free a replaced refcount table)
         if a.defer_free:
@@ -394,19 +439,37 @@ class ImageBuilder:
         for j in sorted(dirty_l2 | set(new_l2)):
             e, b = self._l2[j]
             w.pwrite(T.encode_l2(e, b), a.l2_tables[j] << cb)
-        w.sync()
-        w.step()
+        self._barrier()
 
         # step 4: L1 entries of the new L2 tables
         if new_l2:
             lo, hi = min(new_l2), max(new_l2) + 1
             w.pwrite(T.encode_u64_table(a.l1[lo:hi]), a.l1_offset + 8 * lo)
-            w.sync()
+            if self.cache == "writeback":
+                w.sync()
         if self.on_commit is not None:
-            self.on_commit(np.array([gc for gc, _, _ in pending], dtype=np.int64))
+            self.on_commit(np.concatenate([np.arange(first, first + count, dtype=np.int64)
+                                           for first, count, _, _ in pending]))
         if new_l2:
             w.step()
         a.used.touched = []
+
+
+def nonzero_clusters(buf: bytes, cluster_size: int) -> np.ndarray:
+    """Which clusters of ``buf`` (a whole number of clusters) hold a non-zero byte.  A
+    cluster whose first word is not zero is decided at once; only the others are scanned."""
+    words = np.frombuffer(buf, dtype=np.uint64).reshape(-1, cluster_size // 8)
+    nz = words[:, 0] != 0
+    rest = np.flatnonzero(~nz)
+    if rest.size:
+        nz[rest] = words[rest].any(axis=1)
+    return nz
+
+
+def runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """The runs of True in ``flags`` as [start, end) pairs."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], flags.view(np.int8), [0]))))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
 
 
 def build_from_raw(path: str | os.PathLike[str], raw_path: str | os.PathLike[str],
@@ -414,7 +477,7 @@ def build_from_raw(path: str | os.PathLike[str], raw_path: str | os.PathLike[str
     """An image with the content of a raw file: all-zero clusters left unallocated, the
     others written in guest order (so the image is unfragmented)."""
     size = os.path.getsize(raw_path)
-    with ImageBuilder(path, size, **options) as b, open(raw_path, "rb") as f:
+    with ImageBuilder(path, size, **options) as b, open(raw_path, "rb", buffering=0) as f:
         cs = b.cluster_size
         chunk = max(cs, 8 << 20) // cs * cs
         off = 0
@@ -422,11 +485,12 @@ def build_from_raw(path: str | os.PathLike[str], raw_path: str | os.PathLike[str
             buf = f.read(chunk)
             if not buf:
                 break
-            arr = np.frombuffer(buf + bytes(-len(buf) % cs), dtype=np.uint64)
-            nz = arr.reshape(-1, cs // 8).any(axis=1)
-            for i in np.flatnonzero(nz).tolist():
-                b.write(off + i * cs, memoryview(buf)[i * cs:(i + 1) * cs])
-            off += len(buf)
+            if len(buf) % cs:
+                buf += bytes(-len(buf) % cs)
+            view = memoryview(buf)
+            for s, e in runs(nonzero_clusters(buf, cs)):
+                b.write(off + s * cs, view[s * cs:min(e * cs, size - off)])
+            off += chunk
 
 
 def builder_options(mapping: Mapping[str, Any]) -> dict[str, Any]:

@@ -245,6 +245,99 @@ def test_misuse_is_refused(tmp_path):
     assert qemu_check(path).returncode == 0
 
 
+def test_multi_cluster_runs_across_l2_tables(tmp_path):
+    """Runs of many clusters (one write call each) that cross L2 tables, written out of order
+    with zero runs between them; a run overlapping a queued cluster is refused whole."""
+    cs = 4096
+    size = 3 * (cs // 8) * cs + 5 * cs          # three L2 tables and a bit
+    path = tmp_path / "runs.qcow2"
+    expected = bytearray(size)
+    rng = np.random.default_rng(5)
+    with ImageBuilder(path, size, cluster_size=cs, batch_bytes=256 * KiB) as b:
+        for first, n in ((700, 600), (3, 500), (1310, size // cs - 1310)):
+            data = rng.integers(1, 255, n * cs, dtype=np.uint8).tobytes()
+            b.write(first * cs, data)
+            expected[first * cs:(first + n) * cs] = data
+        b.write_zero(510 * cs, 150 * cs)
+        with pytest.raises(BuilderError, match="guest cluster 700 written twice"):
+            b.write(690 * cs, bytes(20 * cs))
+        b.write(690 * cs, b"\x01" * (10 * cs))      # the refused run left these free
+        expected[690 * cs:700 * cs] = b"\x01" * (10 * cs)
+    assert_valid_and_equal(path, bytes(expected))
+
+
+def test_unsafe_cache_writes_the_same_bytes_without_fsync(tmp_path, monkeypatch):
+    """cache="unsafe" changes when data reaches the disk, never what is written: the file is
+    byte for byte the one cache="writeback" writes, and no fsync is called after create."""
+    calls: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd):
+        calls.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    size, cs = 8 * MiB, 4096
+    order = _order("shuffled", size // cs, 3)
+    counts, batches = {}, []
+    for cache in ("writeback", "unsafe"):
+        with ImageBuilder(tmp_path / f"{cache}.qcow2", size, cluster_size=cs, batch_bytes=MiB,
+                          cache=cache, on_commit=batches.append) as b:
+            calls.clear()
+            expected = build(b, size, order, 3, 4)
+        counts[cache] = len(calls)
+        assert_valid_and_equal(tmp_path / f"{cache}.qcow2", bytes(expected))
+    assert (tmp_path / "writeback.qcow2").read_bytes() == (tmp_path / "unsafe.qcow2").read_bytes()
+    assert counts["unsafe"] == 0
+    per_build = len(batches) // 2
+    assert per_build >= 4
+    assert counts["writeback"] >= 2 * per_build     # each batch: data+refcounts, then L2 tables
+    with pytest.raises(BuilderError, match="cache mode 'none'"):
+        ImageBuilder(tmp_path / "x.qcow2", MiB, cache="none")
+    assert not (tmp_path / "x.qcow2").exists()
+
+
+@pytest.mark.parametrize("cache", ["writeback", "unsafe"])
+def test_build_from_raw_allocates_what_qemu_img_convert_allocates(tmp_path, cache):
+    """A raw file with zero clusters, zero runs across L2 tables and a short last cluster:
+    the built image equals the raw file and allocates exactly the clusters qemu-img
+    convert -O qcow2 allocates."""
+    from qcow2kit.builder import build_from_raw
+
+    cs = 65536
+    n = 2 * 8192 + 300                      # past two L2 tables
+    rng = np.random.default_rng(9)
+    nonzero = rng.random(n) < 0.6
+    nonzero[8000:8500] = False              # a zero run across an L2 boundary
+    nonzero[-1] = True
+    raw = tmp_path / "src.raw"
+    with open(raw, "wb") as f:
+        for gc in range(n):
+            if nonzero[gc]:
+                block = bytearray(cs)
+                block[rng.integers(0, cs)] = 1 + gc % 255
+                f.write(block)
+            else:
+                f.write(bytes(cs))
+        f.truncate(n * cs - 1000)           # a short last cluster
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    build_from_raw(ours, raw, cache=cache)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(theirs)],
+                   check=True)
+    chk = qemu_check(ours)
+    assert chk.returncode == 0, chk.stdout
+    assert "0.00% fragmented" in chk.stdout
+    assert qemu_compare(ours, raw).returncode == 0
+
+    def allocation(path):
+        out = subprocess.run(["qemu-img", "map", "--output=json", str(path)], check=True,
+                             capture_output=True, text=True).stdout
+        import json
+        return [(e["start"], e["length"], e["data"], e["zero"]) for e in json.loads(out)]
+
+    assert allocation(ours) == allocation(theirs)
+
+
 # --------------------------------------------------------------------------- crash safety
 
 CHILD = HELPERS + '''
@@ -252,10 +345,12 @@ import os, sys
 import numpy as np
 from qcow2kit.builder import ImageBuilder
 path, log, size, cs, seed = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+cache = sys.argv[6]
 fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
 def commit(gcs):
     os.write(fd, ("\\n".join(map(str, gcs.tolist())) + "\\n").encode())
-with ImageBuilder(path, size, cluster_size=cs, batch_bytes=256 * 1024, on_commit=commit) as b:
+with ImageBuilder(path, size, cluster_size=cs, batch_bytes=256 * 1024, on_commit=commit,
+                  cache=cache) as b:
     order = np.random.default_rng(seed).permutation(b.guest_clusters).tolist()
     build(b, size, order, seed, 4)
 '''
@@ -279,18 +374,21 @@ def _wait_stopped_or_done(proc: subprocess.Popen, timeout: float = 120) -> bool:
     raise AssertionError("the builder neither stopped nor finished")
 
 
-@pytest.mark.parametrize("stop_at", [1, 2, 3, 4, 7, 12, 20, 33, 50, 75, 100, 103, 105, 107, 109,
-                                     120, 139, 400])
-def test_sigkill_leaves_a_valid_image_with_the_committed_data(tmp_path, stop_at):
+@pytest.mark.parametrize("stop_at,cache", [
+    *((n, "writeback") for n in (1, 2, 3, 4, 7, 12, 20, 33, 50, 75, 100, 103, 105, 107, 109,
+                                 120, 139, 400)),
+    *((n, "unsafe") for n in (2, 33, 104, 108, 400))])
+def test_sigkill_leaves_a_valid_image_with_the_committed_data(tmp_path, stop_at, cache):
     """16 MiB of shuffled data, compressed and zero 512-byte clusters (the refcount table
     grows on the way, past 8 MiB of file, around steps 100-110; 400 is past the end),
     killed after step ``stop_at``: qemu-img check finds no corruption, every committed
-    cluster reads back, every other reads as zeros or as written."""
+    cluster reads back, every other reads as zeros or as written.  With cache="unsafe"
+    (no fsync) the same holds after a killed process: the page cache keeps the order."""
     path, log = tmp_path / "crash.qcow2", tmp_path / "commits.log"
     env = dict(os.environ, QCOW2KIT_WRITER_STOP_AT=str(stop_at),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(log), str(CRASH_SIZE),
-                             str(CRASH_CS), str(CRASH_SEED)], env=env)
+                             str(CRASH_CS), str(CRASH_SEED), cache], env=env)
     try:
         stopped = _wait_stopped_or_done(proc)
     finally:
