@@ -16,6 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import factory  # noqa: E402  (needs the sys.path entry above)
+from qemu import have_qemu, qemu_convert_raw  # noqa: E402
 
 QEMU_MISSING = ("qemu-img/qemu-io not found on PATH (install qemu-utils); "
                 "tests that need QEMU-built images are skipped")
@@ -26,7 +27,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if factory.have_qemu():
+    if have_qemu():
         return
     skip = pytest.mark.skip(reason=QEMU_MISSING)
     for item in items:
@@ -37,7 +38,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def factory_images(tmp_path_factory) -> dict[str, factory.ImageCase]:
     """Every factory case by name, built once per session."""
-    if not factory.have_qemu():
+    if not have_qemu():
         pytest.skip(QEMU_MISSING)
     return factory.build_all(tmp_path_factory.mktemp("qcow2-factory"))
 
@@ -60,7 +61,7 @@ def qemu_raw(tmp_path_factory, factory_images):
                 suffix = ("" if snapshot is None else
                           ".snap-" + hashlib.sha1(snapshot.encode()).hexdigest()[:10])
                 dst = outdir / f"{case.name}{suffix}.raw"
-                cache[key] = factory.qemu_convert_raw(case, dst, extra)
+                cache[key] = qemu_convert_raw(case, dst, extra)
             return cache[key]
 
     return convert

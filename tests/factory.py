@@ -29,33 +29,26 @@ QEMU 7.2 quirks worth knowing (all observed, not guessed):
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import shutil
 import struct
-import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-QEMU_IMG = shutil.which("qemu-img")
-QEMU_IO = shutil.which("qemu-io")
-QEMU_NBD = shutil.which("qemu-nbd")
+from qemu import (QEMU_IMG, QEMU_IO, SECRET, SECRET_ID, QemuError, have_qemu, merge_ranges,
+                  open_args, qemu_img_check, run)
+# test_map.py and test_map_threshold.py still reach these through factory (factory.qemu_img_map...)
+from qemu import qemu_img_info, qemu_img_map  # noqa: F401
 
-SECRET = "abc"
-SECRET_ID = "sec0"
 
 KiB = 1024
 MiB = 1024 * KiB
 
 EXT_BACKING_FORMAT = 0xE2792ACA
-
-
-def have_qemu() -> bool:
-    return QEMU_IMG is not None and QEMU_IO is not None
 
 
 class FactoryError(RuntimeError):
@@ -119,138 +112,6 @@ class ImageCase:
 
     def open_args(self) -> list[str]:
         return open_args(self)
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers around qemu-img
-
-
-def run(cmd: Sequence[str | os.PathLike], *, cwd: str | os.PathLike | None = None,
-        ok_codes: Iterable[int] = (0,)) -> str:
-    """Run a command, return its stdout; raise FactoryError with stderr on a bad exit status."""
-    argv = [os.fspath(c) for c in cmd]
-    proc = subprocess.run(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, errors="replace")
-    if proc.returncode not in tuple(ok_codes):
-        raise FactoryError(
-            f"command failed with exit status {proc.returncode}: {' '.join(argv)}\n"
-            f"stderr: {proc.stderr.strip()}\nstdout: {proc.stdout.strip()[-2000:]}")
-    return proc.stdout
-
-
-def _opts_escape(value: str) -> str:
-    # QemuOpts: a comma inside a value is written as two commas
-    return value.replace(",", ",,")
-
-
-def open_args(src: "ImageCase | str | os.PathLike", *, secret: str | None = None) -> list[str]:
-    """Arguments that make qemu-img / qemu-io open `src` (with its secret when encrypted)."""
-    if isinstance(src, ImageCase):
-        path, secret = src.path, (src.secret if src.encrypted else None)
-    else:
-        path = Path(src)
-    path = Path(path).absolute()
-    if secret is None:
-        return ["-f", "qcow2", str(path)]
-    return ["--object", f"secret,id={SECRET_ID},data={secret}", "--image-opts",
-            f"driver=qcow2,file.filename={_opts_escape(str(path))},encrypt.key-secret={SECRET_ID}"]
-
-
-def _path_of(src) -> Path:
-    return Path(src.path if isinstance(src, ImageCase) else src).absolute()
-
-
-def qemu_img_info(path: "ImageCase | str | os.PathLike", backing_chain: bool = False,
-                  extra_args: Sequence[str] = ()) -> object:
-    """Parsed `qemu-img info --output=json` (a list with backing_chain=True)."""
-    p = _path_of(path)
-    cmd = [QEMU_IMG, "info", "--output=json", *extra_args]
-    if backing_chain:
-        cmd.append("--backing-chain")
-    cmd += [str(p)]
-    return json.loads(run(cmd, cwd=p.parent))
-
-
-def qemu_img_map(path: "ImageCase | str | os.PathLike", extra_args: Sequence[str] = ()) -> list[dict]:
-    """Parsed `qemu-img map --output=json` (needs the secret for encrypted cases)."""
-    p = _path_of(path)
-    out = run([QEMU_IMG, "map", "--output=json", *extra_args, *open_args(path)], cwd=p.parent)
-    return json.loads(out)
-
-
-def qemu_img_check(path: "ImageCase | str | os.PathLike",
-                   extra_args: Sequence[str] = ()) -> tuple[int, dict]:
-    """(exit status, parsed `qemu-img check --output=json`); statuses 0, 2, 3 are not errors."""
-    p = _path_of(path)
-    argv = [QEMU_IMG, "check", "--output=json", *extra_args, *open_args(path)]
-    proc = subprocess.run(argv, cwd=p.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-    if proc.returncode not in (0, 2, 3):
-        raise FactoryError(f"qemu-img check failed ({proc.returncode}): {' '.join(argv)}\n"
-                           f"{proc.stderr.strip()}")
-    return proc.returncode, json.loads(proc.stdout)
-
-
-def qemu_convert_raw(src: "ImageCase | str | os.PathLike", dst: "str | os.PathLike",
-                     extra_args: Sequence[str] = ()) -> Path:
-    """`qemu-img convert -O raw` of the full guest view (backing chain included).
-
-    Pass ``extra_args=["-l", "snapshot.name=NAME"]`` to export an internal snapshot."""
-    p = _path_of(src)
-    dst = Path(dst).absolute()
-    run([QEMU_IMG, "convert", "-O", "raw", *extra_args, *open_args(src), str(dst)], cwd=p.parent)
-    return dst
-
-
-def qemu_bitmap_dirty(path: "ImageCase | str | os.PathLike", name: str) -> list[tuple[int, int]]:
-    """Dirty ranges of persistent bitmap `name`, as QEMU sees them (qemu-nbd -B + x-dirty-bitmap).
-
-    Returns merged (start, length) pairs."""
-    if QEMU_NBD is None:
-        raise FactoryError("qemu-nbd not found")
-    p = _path_of(path)
-    tmp = tempfile.mkdtemp(prefix="qk-nbd-")
-    sock = os.path.join(tmp, "s")
-    pidfile = os.path.join(tmp, "pid")
-    try:
-        run([QEMU_NBD, "--fork", "--pid-file", pidfile, "-k", sock, "-r", "-f", "qcow2",
-             "-B", name, "-x", "e", str(p)], cwd=p.parent)
-        try:
-            out = run([QEMU_IMG, "map", "--output=json", "--image-opts",
-                       f"driver=nbd,server.type=unix,server.path={sock},export=e,"
-                       f"x-dirty-bitmap=qemu:dirty-bitmap:{name}"])
-        finally:
-            # without --persistent the server leaves after its one client; make sure of it
-            try:
-                pid = int(Path(pidfile).read_text().strip())
-                os.kill(pid, 15)
-            except (OSError, ValueError):
-                pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    # in x-dirty-bitmap mode a dirty area is reported as "data": false
-    ranges = [(e["start"], e["length"]) for e in json.loads(out) if not e["data"]]
-    return _merge_ranges(ranges)
-
-
-def _merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for s, n in sorted(ranges):
-        if n <= 0:
-            continue
-        if out and s <= out[-1][0] + out[-1][1]:
-            out[-1][1] = max(out[-1][1], s + n - out[-1][0])
-        else:
-            out.append([s, n])
-    return [(s, n) for s, n in out]
-
-
-def sha256_file(path: "str | os.PathLike") -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +199,7 @@ class _Img:
                 try:
                     run(cmd, cwd=self.path.parent)
                     break
-                except FactoryError as e:
+                except QemuError as e:
                     # QEMU's PBKDF benchmark (LUKS) fails now and then when the thread CPU
                     # clock has not advanced: "Unable to get accurate CPU usage". Try again.
                     if "accurate CPU usage" not in str(e) or attempt == 4:
@@ -463,7 +324,7 @@ class _Img:
         for name, bm in self.bitmaps.items():
             g = bm["gran"]
             ranges = [(c * g, min(g, self.size - c * g)) for c in bm["dirty"]]
-            out.append(BitmapSpec(name, g, bm["enabled"], _merge_ranges(ranges)))
+            out.append(BitmapSpec(name, g, bm["enabled"], merge_ranges(ranges)))
         return out
 
     def case(self, name: str, **kw) -> ImageCase:

@@ -15,6 +15,7 @@ import pytest
 
 from qcow2kit.builder import BuilderError, ImageBuilder
 from qcow2kit.layout import header as H
+from qemu import qemu_img
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None,
                                 reason="needs qemu-img (qemu-utils)")
@@ -69,12 +70,11 @@ build = _h["build"]
 
 
 def qemu_check(path) -> subprocess.CompletedProcess:
-    return subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
+    return qemu_img("check", path, ok=None)
 
 
 def qemu_compare(path, raw) -> subprocess.CompletedProcess:
-    return subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(path), str(raw)],
-                          capture_output=True, text=True)
+    return qemu_img("compare", "-f", "qcow2", "-F", "raw", path, raw, ok=None)
 
 
 def assert_valid_and_equal(path: Path, expected: bytes) -> str:

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from factory import run
+from qemu import run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -16,18 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from factory import run, sha256_file
+from qemu import cli_process, run, sha256_file
 
 from qcow2kit.cli.main import main as cli_main
 
 qemu = pytest.mark.qemu
 MiB = 1 << 20
-
-
-def _cli(*argv: str, cwd: Path | None = None, env: dict | None = None
-         ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qcow2kit", *argv], cwd=cwd, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _sums(*paths: Path) -> dict[str, str | None]:
@@ -70,7 +64,7 @@ def test_convert_into_itself_is_refused(chain):
     base, top = chain
     before = _sums(base, top)
     for src, dst in ((top, top), (base, base)):
-        line = _one_error_line(_cli("convert", "-O", "raw", str(src), str(dst)))
+        line = _one_error_line(cli_process("convert", "-O", "raw", str(src), str(dst)))
         assert str(dst) in line and "the source image" in line
         # qemu-img refuses too (its image locks)
         assert subprocess.run(["qemu-img", "convert", "-O", "raw", src, dst],
@@ -87,7 +81,7 @@ def test_convert_into_a_backing_file_is_refused_whatever_the_path(chain, tmp_pat
     before = _sums(base, top)
     for name in (str(base), "link.qcow2", "hard.qcow2", "./base.qcow2", "sub/../base.qcow2",
                  str(tmp_path / "sub" / ".." / "base.qcow2")):
-        r = _cli("convert", "-O", "raw", "top.qcow2", name, cwd=tmp_path)
+        r = cli_process("convert", "-O", "raw", "top.qcow2", name, cwd=tmp_path)
         line = _one_error_line(r)
         assert "backing file" in line and name in line, line
     assert _sums(base, top) == before
@@ -100,7 +94,7 @@ def test_convert_into_the_external_data_file_is_refused(tmp_path):
         cwd=tmp_path)
     run(["qemu-io", "-c", "write -P 0x5a 0 64k", img], cwd=tmp_path)
     before = _sums(img, data)
-    line = _one_error_line(_cli("convert", "-O", "raw", str(img), str(data), cwd=tmp_path))
+    line = _one_error_line(cli_process("convert", "-O", "raw", str(img), str(data), cwd=tmp_path))
     assert "external data file" in line
     assert _sums(img, data) == before
 
@@ -113,10 +107,10 @@ def test_missing_backing_file_leaves_target_untouched_and_creates_nothing(chain,
     base, top = chain
     base.rename(tmp_path / "moved.qcow2")
     before = _sums(top, victim)
-    line = _one_error_line(_cli("convert", "-O", "raw", str(top), str(victim)))
+    line = _one_error_line(cli_process("convert", "-O", "raw", str(top), str(victim)))
     assert "backing file" in line and "base.qcow2" in line
     fresh = tmp_path / "fresh.raw"
-    _one_error_line(_cli("convert", "-O", "raw", str(top), str(fresh)))
+    _one_error_line(cli_process("convert", "-O", "raw", str(top), str(fresh)))
     assert not fresh.exists()
     assert _sums(top, victim) == before
 
@@ -128,9 +122,9 @@ def test_missing_backing_file_leaves_target_untouched_and_creates_nothing(chain,
 def test_bad_option_leaves_target_untouched(chain, victim, tmp_path, option):
     base, top = chain
     before = _sums(base, top, victim)
-    _one_error_line(_cli("convert", *option, str(top), str(victim)))
+    _one_error_line(cli_process("convert", *option, str(top), str(victim)))
     fresh = tmp_path / "fresh.raw"
-    _one_error_line(_cli("convert", *option, str(top), str(fresh)))
+    _one_error_line(cli_process("convert", *option, str(top), str(fresh)))
     assert not fresh.exists()
     assert _sums(base, top, victim) == before
 
@@ -160,10 +154,10 @@ def test_corrupt_table_found_late_leaves_target_untouched(tmp_path, victim, orde
     assert subprocess.run(["qemu-img", "convert", "-O", "raw", img, tmp_path / "q.raw"],
                           capture_output=True).returncode == 1
     before = _sums(img, victim)
-    line = _one_error_line(_cli("convert", f"--order={order}", str(img), str(victim)))
+    line = _one_error_line(cli_process("convert", f"--order={order}", str(img), str(victim)))
     assert str(img) in line
     fresh = tmp_path / "fresh.raw"
-    _one_error_line(_cli("convert", f"--order={order}", str(img), str(fresh)))
+    _one_error_line(cli_process("convert", f"--order={order}", str(img), str(fresh)))
     assert not fresh.exists()
     assert _sums(img, victim) == before
 
@@ -178,7 +172,7 @@ def test_target_in_use_by_qemu_is_refused(chain, tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)       # qemu-io has opened the image and taken its locks
-        line = _one_error_line(_cli("convert", str(top), str(busy)))
+        line = _one_error_line(cli_process("convert", str(top), str(busy)))
         assert "in use" in line and str(busy) in line
     finally:
         holder.communicate(b"quit\n", timeout=30)
@@ -190,7 +184,7 @@ def test_target_in_use_by_qemu_is_refused(chain, tmp_path):
 def test_target_that_cannot_hold_an_image(chain, tmp_path, target):
     base, top = chain
     target = str(tmp_path) if target == "DIR" else target
-    line = _one_error_line(_cli("convert", str(top), target))
+    line = _one_error_line(cli_process("convert", str(top), target))
     assert target in line and ("character device" in line or "directory" in line)
 
 
@@ -233,7 +227,7 @@ def test_interrupted_convert(chain, tmp_path, victim, sig, code, word, existing)
 def test_convert_without_O_writes_raw_like_qemu_img(chain, tmp_path):
     base, top = chain
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    r = _cli("convert", str(top), str(ours))
+    r = cli_process("convert", str(top), str(ours))
     assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
     run(["qemu-img", "convert", top, theirs])
     assert ours.read_bytes() == theirs.read_bytes()
@@ -243,14 +237,14 @@ def test_convert_without_O_writes_raw_like_qemu_img(chain, tmp_path):
 def test_convert_replaces_an_existing_unrelated_file(chain, victim, tmp_path):
     base, top = chain
     run(["qemu-img", "convert", "-O", "raw", top, tmp_path / "ref.raw"])
-    assert _cli("convert", "-O", "raw", str(top), str(victim)).returncode == 0
+    assert cli_process("convert", "-O", "raw", str(top), str(victim)).returncode == 0
     assert victim.read_bytes() == (tmp_path / "ref.raw").read_bytes()
 
 
 @qemu
 def test_progress_counts_data_and_ends_with_a_summary(chain, tmp_path):
     base, top = chain
-    r = _cli("convert", "-p", str(top), str(tmp_path / "p.raw"))
+    r = cli_process("convert", "-p", str(top), str(tmp_path / "p.raw"))
     assert r.returncode == 0 and r.stdout == ""
     last = r.stderr.replace("\r", "\n").rstrip("\n").splitlines()[-1]
     # 1 MiB from the base and 1 MiB from the top are data; the other 2 MiB are holes
@@ -271,7 +265,7 @@ def test_progress_counts_data_and_ends_with_a_summary(chain, tmp_path):
     (["nosuchcommand"], ""),
 ])
 def test_usage_errors_exit_1_with_the_commands_usage(argv, command):
-    r = _cli(*argv)
+    r = cli_process(*argv)
     assert r.returncode == 1 and r.stdout == ""
     lines = r.stderr.splitlines()
     assert lines[0].startswith(f"usage: qcow2kit {command}".rstrip()), r.stderr
@@ -293,7 +287,7 @@ def test_debug_is_accepted_after_the_command(tmp_path, capsys):
                                         ("0x10", 16), ("1024b", 1024), ("1.0K", 1024)])
 def test_numbers_in_qemu_img_forms(chain, text, value):
     base, top = chain
-    ours = _cli("map", "--output=json", f"--start-offset={text}", "--max-length=64k", str(top))
+    ours = cli_process("map", "--output=json", f"--start-offset={text}", "--max-length=64k", str(top))
     theirs = subprocess.run(["qemu-img", "map", "--output=json", "-s", text, "-l", "64k", top],
                             capture_output=True, text=True)
     assert ours.returncode == theirs.returncode == 0, (ours.stderr, theirs.stderr)
@@ -305,7 +299,7 @@ def test_numbers_in_qemu_img_forms(chain, text, value):
 @pytest.mark.parametrize("text", ["1e3", "-1", "1.5", "0x1.8k", "16 ", "8E", "0x", "1Q"])
 def test_numbers_qemu_img_refuses(chain, text):
     base, top = chain
-    ours = _cli("map", f"--start-offset={text}", str(top))
+    ours = cli_process("map", f"--start-offset={text}", str(top))
     theirs = subprocess.run(["qemu-img", "map", "-s", text, top], capture_output=True)
     assert theirs.returncode == 1
     line = _one_error_line(ours)
@@ -315,9 +309,9 @@ def test_numbers_qemu_img_refuses(chain, text):
 def test_messages_say_each_thing_once(tmp_path):
     p = tmp_path / "text.txt"
     p.write_text("hello, I am not an image\n" * 10)
-    line = _one_error_line(_cli("info", str(p)))
+    line = _one_error_line(cli_process("info", str(p)))
     assert line == f"qcow2kit: {p}: not a qcow2 image (magic at offset 0x0)"
-    line = _one_error_line(_cli("info", str(tmp_path / "nope.qcow2")))
+    line = _one_error_line(cli_process("info", str(tmp_path / "nope.qcow2")))
     assert line.count("nope.qcow2") == 1 and "No such file" in line
 
 
@@ -329,7 +323,7 @@ def test_map_prints_nothing_before_an_error(tmp_path):
     _patch_l2_entry(img, 7 * MiB, 0x200)
     for form in ("human", "json"):
         # windows of 64 KiB: the bad entry is met long after the first lines were formatted
-        r = _cli("map", f"--output={form}", "--memory=64K", str(img))
+        r = cli_process("map", f"--output={form}", "--memory=64K", str(img))
         assert r.stdout == ""
         assert str(img) in _one_error_line(r)
 
@@ -362,7 +356,7 @@ def test_read_error_names_file_and_offset(chain, tmp_path):
             time.sleep(0.05)
         trigger.touch()          # every read fails from now on: EIO
         dst = tmp_path / "out.raw"
-        line = _one_error_line(_cli("convert", str(mnt / "img"), str(dst)))
+        line = _one_error_line(cli_process("convert", str(mnt / "img"), str(dst)))
         assert str(mnt / "img") in line and "read error at offset 0x" in line
         assert "Input/output error" in line
         assert not dst.exists()

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from qemu import hexbytes
 from qcow2kit import spec
 from qcow2kit import tables as T
 from qcow2kit.layout import bitmaps as B
 from qcow2kit.layout import header as H
 from qcow2kit.layout import snapshots as S
-
-
-def hexbytes(*lines: str) -> bytes:
-    return bytes.fromhex("".join(lines))
 
 
 # ------------------------------------------------------------------------------- field offsets

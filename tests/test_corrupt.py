@@ -40,9 +40,11 @@ from qcow2kit import (BackingChainError, BackingFileNotFoundError, CorruptImageE
                       UnsupportedFeatureError)
 from qcow2kit.cli.main import main as cli_main
 from qcow2kit.info import image_info
+from qemu import QEMU_IMG, QEMU_IO, run_process
+from qemu import qemu_create as _create
+from qemu import qemu_io as _io
+from qemu import run_process as _must
 
-QEMU_IMG = shutil.which("qemu-img")
-QEMU_IO = shutil.which("qemu-io")
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.qemu,
@@ -67,28 +69,7 @@ COMPRESSED = 1 << 62
 
 
 def _run(argv, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([os.fspath(a) for a in argv], cwd=cwd, capture_output=True, text=True)
-
-
-def _must(argv, cwd=None) -> None:
-    r = _run(argv, cwd)
-    assert r.returncode == 0, f"{' '.join(map(str, argv))}: {r.stderr}"
-
-
-def _create(path: Path, size: str, *opts: str, backing: str | None = None) -> None:
-    argv = [QEMU_IMG, "create", "-q", "-f", "qcow2"]
-    if opts:
-        argv += ["-o", ",".join(opts)]
-    if backing:
-        argv += ["-b", backing, "-F", "qcow2"]
-    _must([*argv, path.name, size], cwd=path.parent)
-
-
-def _io(path: Path, *cmds: str) -> None:
-    argv = [QEMU_IO, "-f", "qcow2"]
-    for c in cmds:
-        argv += ["-c", c]
-    _must([*argv, path], cwd=path.parent)
+    return run_process(argv, cwd=cwd, ok=None)
 
 
 def _build_plain(d: Path) -> None:

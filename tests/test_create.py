@@ -18,8 +18,8 @@ import pytest
 
 from qcow2kit import create as C
 from qcow2kit.cli.main import main as qcow2kit_main
+from qemu import QEMU_IMG, data_ranges
 
-QEMU_IMG = shutil.which("qemu-img")
 pytestmark = [pytest.mark.qemu,
               pytest.mark.skipif(QEMU_IMG is None, reason="needs qemu-img")]
 
@@ -29,26 +29,13 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    out, pos = [], 0
-    while pos < size:
-        try:
-            d = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            break
-        h = os.lseek(fd, d, os.SEEK_HOLE)
-        out.append((d, h))
-        pos = h
-    return out
-
-
 def same_bytes(a: Path, b: Path) -> str | None:
     """None when the files hold the same bytes, else where they differ."""
     sa, sb = a.stat().st_size, b.stat().st_size
     if sa != sb:
         return f"{a.name}: {sa} bytes against {sb}"
     with open(a, "rb") as fa, open(b, "rb") as fb:
-        ranges = sorted(_data_ranges(fa.fileno(), sa) + _data_ranges(fb.fileno(), sb))
+        ranges = sorted(data_ranges(fa.fileno(), sa) + data_ranges(fb.fileno(), sb))
         for start, end in ranges:
             pos = start
             while pos < end:

@@ -15,9 +15,9 @@ import zlib
 import pytest
 
 import factory
+from qemu import QEMU_IMG, cli_in_process, data_ranges, qemu_img_info, qemu_img_map, run, same_file
 import qcow2kit
 from qcow2kit import tables as T
-from qcow2kit.cli.main import main
 from qcow2kit.image import block_status
 
 pytestmark = pytest.mark.qemu
@@ -32,12 +32,6 @@ def _cases(factory_images, *, readable=None):
             continue
         out.append(case)
     return out
-
-
-def _cli(capsys, *argv) -> tuple[int, str, str]:
-    rc = main(list(argv))
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +51,8 @@ def test_info_json_equals_qemu(factory_images, capsys):
     failures = []
     for case in _cases(factory_images):
         path = str(case.path.absolute())
-        rc, out, err = _cli(capsys, "info", "--output=json", path)
-        want = factory.qemu_img_info(path)
+        rc, out, err = cli_in_process(capsys, "info", "--output=json", path)
+        want = qemu_img_info(path)
         if rc != 0 or json.loads(out) != want:
             failures.append((case.name, rc, err, out, want))
     assert not failures, failures[:3]
@@ -69,8 +63,8 @@ def test_info_json_text_equals_qemu(factory_images, capsys):
     failures = []
     for case in _cases(factory_images):
         path = str(case.path.absolute())
-        _, out, _ = _cli(capsys, "info", "--output=json", path)
-        want = factory.run([factory.QEMU_IMG, "info", "--output=json", path], cwd=case.path.parent)
+        _, out, _ = cli_in_process(capsys, "info", "--output=json", path)
+        want = run([QEMU_IMG, "info", "--output=json", path], cwd=case.path.parent)
         if out != want:
             failures.append(case.name)
     assert not failures
@@ -80,8 +74,8 @@ def test_info_backing_chain_json_equals_qemu(factory_images, capsys):
     failures = []
     for case in _cases(factory_images):
         path = str(case.path.absolute())
-        rc, out, err = _cli(capsys, "info", "--output=json", "--backing-chain", path)
-        want = factory.qemu_img_info(path, backing_chain=True)
+        rc, out, err = cli_in_process(capsys, "info", "--output=json", "--backing-chain", path)
+        want = qemu_img_info(path, backing_chain=True)
         if rc != 0 or json.loads(out) != want:
             failures.append((case.name, rc, err))
     assert not failures
@@ -92,43 +86,23 @@ def test_info_human_equals_qemu(factory_images, capsys, utc):
     for case in _cases(factory_images):
         path = str(case.path.absolute())
         for extra in ([], ["--backing-chain"]):
-            _, out, _ = _cli(capsys, "info", *extra, path)
-            want = factory.run([factory.QEMU_IMG, "info", *extra, path], cwd=case.path.parent)
+            _, out, _ = cli_in_process(capsys, "info", *extra, path)
+            want = run([QEMU_IMG, "info", *extra, path], cwd=case.path.parent)
             if out != want:
                 failures.append((case.name, extra, out, want))
     assert not failures, failures[:2]
-
-
-def _same_file(a, b, chunk=1 << 22) -> bool:
-    if os.path.getsize(a) != os.path.getsize(b):
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(chunk), fb.read(chunk)
-            if x != y:
-                return False
-            if not x:
-                return True
 
 
 def _allocated_zero_blocks(path, block=4096) -> int:
     """4 KiB blocks the file system stores although they hold only zeros."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
         count = 0
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
+        for start, end in data_ranges(fd, os.fstat(fd).st_size):
             for b in range(start - start % block, end, block):
                 data = os.pread(fd, block, b)
                 if data and not any(data):
                     count += 1
-            pos = end
         return count
     finally:
         os.close(fd)
@@ -139,9 +113,9 @@ def test_convert_byte_identical_and_sparse(factory_images, qemu_raw, tmp_path, c
     failures = []
     for case in _cases(factory_images, readable=True):
         dst = tmp_path / f"{case.name}.raw"
-        rc, _, err = _cli(capsys, "convert", "-O", "raw", str(case.path), str(dst))
+        rc, _, err = cli_in_process(capsys, "convert", "-O", "raw", str(case.path), str(dst))
         ref = qemu_raw(case)
-        if rc != 0 or not _same_file(dst, ref):
+        if rc != 0 or not same_file(dst, ref):
             failures.append((case.name, rc, err))
             continue
         if bsize == 4096 and _allocated_zero_blocks(dst):
@@ -154,7 +128,7 @@ def test_convert_encrypted_refused(factory_images, tmp_path, capsys):
     for case in _cases(factory_images):
         if not case.encrypted:
             continue
-        rc, out, err = _cli(capsys, "convert", "-O", "raw", str(case.path), str(tmp_path / "x"))
+        rc, out, err = cli_in_process(capsys, "convert", "-O", "raw", str(case.path), str(tmp_path / "x"))
         assert rc == 1
         assert err.startswith("qcow2kit: ") and err.count("\n") == 1
         assert "encrypted" in err
@@ -196,7 +170,7 @@ def test_block_status_kinds_agree_with_qemu_map(factory_images):
     for case in _cases(factory_images, readable=True):
         if case.name in ("prealloc_metadata", "extl2_2M"):
             continue  # qemu-img map consults host-file holes there (see factory notes)
-        qmap = factory.qemu_img_map(case)
+        qmap = qemu_img_map(case)
         with qcow2kit.open(case.path) as img:
             for ext in qmap:
                 start, length = ext["start"], ext["length"]

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 import factory
+from qemu import (QEMU_NBD, SECRET, qemu_bitmap_dirty, qemu_img_check, qemu_img_info, qemu_img_map,
+                  sha256_file)
 
 pytestmark = pytest.mark.qemu
 
@@ -120,7 +122,7 @@ def test_every_case_built(factory_images):
 
 
 def test_check(case):
-    rc, report = factory.qemu_img_check(case)
+    rc, report = qemu_img_check(case)
     assert rc == case.check_rc, report
     if case.check_rc == 0:
         assert report["check-errors"] == 0
@@ -128,7 +130,7 @@ def test_check(case):
 
 
 def test_info_claims(case):
-    info = factory.qemu_img_info(case)
+    info = qemu_img_info(case)
     assert case.expect, case.name
     for key, want in case.expect.items():
         got = dig(info, key)
@@ -139,7 +141,7 @@ def test_info_claims(case):
 
 
 def test_backing_chain(case):
-    chain = factory.qemu_img_info(case, backing_chain=True)
+    chain = qemu_img_info(case, backing_chain=True)
     assert len(chain) == case.backing_depth + 1
     assert case.has_backing == (case.backing_depth > 0)
     for info, path in zip(chain[1:], case.backing_chain):
@@ -147,13 +149,13 @@ def test_backing_chain(case):
 
 
 def test_snapshots(case):
-    info = factory.qemu_img_info(case)
+    info = qemu_img_info(case)
     assert [s["name"] for s in info.get("snapshots", [])] == case.snapshots
     assert set(case.snapshot_sha256) == set(case.snapshots)
 
 
 def test_bitmaps(case):
-    info = factory.qemu_img_info(case)
+    info = qemu_img_info(case)
     listed = dig(info, "format-specific.data.bitmaps")
     got = {b["name"]: (b["granularity"], set(b["flags"]))
            for b in ([] if listed is _MISSING else listed)}
@@ -166,27 +168,27 @@ def test_content_matches_model(case, qemu_raw):
     """The guest view qemu-img reads is byte for byte what the builder modelled."""
     raw = qemu_raw(case)
     assert raw.stat().st_size == case.virtual_size
-    assert factory.sha256_file(raw) == case.sha256
+    assert sha256_file(raw) == case.sha256
 
 
 def test_snapshot_content_matches_model(factory_images, qemu_raw):
     n = 0
     for c in factory_images.values():
         for name, digest in c.snapshot_sha256.items():
-            assert factory.sha256_file(qemu_raw(c, name)) == digest, (c.name, name)
+            assert sha256_file(qemu_raw(c, name)) == digest, (c.name, name)
             n += 1
     assert n >= 10
 
 
 def test_bitmap_dirty_ranges(factory_images):
-    if factory.QEMU_NBD is None:
+    if QEMU_NBD is None:
         pytest.skip("qemu-nbd not found")
     seen_dirty = seen_clean = 0
     for c in factory_images.values():
         for b in c.bitmaps:
             if b.in_use:
                 continue  # qemu-nbd refuses an inconsistent bitmap
-            assert factory.qemu_bitmap_dirty(c, b.name) == b.dirty, (c.name, b.name)
+            assert qemu_bitmap_dirty(c, b.name) == b.dirty, (c.name, b.name)
             seen_dirty += bool(b.dirty)
             seen_clean += not b.dirty
     assert seen_dirty >= 5 and seen_clean >= 2
@@ -224,10 +226,10 @@ def test_preallocation(factory_images):
     for mode in ("metadata", "falloc", "full"):
         c = factory_images[f"prealloc_{mode}"]
         # every guest cluster has a host offset
-        assert all("offset" in e for e in factory.qemu_img_map(c)), mode
+        assert all("offset" in e for e in qemu_img_map(c)), mode
         assert c.path.stat().st_size >= c.virtual_size
     off = factory_images["prealloc_off"]
-    assert any("offset" not in e for e in factory.qemu_img_map(off))
+    assert any("offset" not in e for e in qemu_img_map(off))
     assert off.path.stat().st_size < off.virtual_size
     full = factory_images["prealloc_full"]
     assert full.path.stat().st_blocks * 512 >= full.virtual_size
@@ -236,7 +238,7 @@ def test_preallocation(factory_images):
 def test_compressed_clusters(factory_images):
     for c in factory_images.values():
         if "compressed" in c.tags:
-            rc, report = factory.qemu_img_check(c)
+            rc, report = qemu_img_check(c)
             assert report.get("compressed-clusters", 0) > 0, c.name
 
 
@@ -251,7 +253,7 @@ def test_compressed_streams_cross_host_clusters(factory_images, name):
     crossing = [d for d in descs if d[0] // cs != (d[1] - 1) // cs]
     assert crossing, f"{name}: no compressed stream crosses a host cluster boundary"
     if name.startswith("convert"):
-        rc, report = factory.qemu_img_check(c)
+        rc, report = qemu_img_check(c)
         # some clusters were incompressible and stored plain, some all-zero were left out
         assert report["allocated-clusters"] > report["compressed-clusters"]
         assert report["allocated-clusters"] < report["total-clusters"]
@@ -262,49 +264,49 @@ def test_extended_l2_subclusters(factory_images):
     for name, sub in (("extl2_backing", 2048), ("extl2_16k", 512), ("extl2_2M", 64 * 1024)):
         c = factory_images[name]
         assert header(c)["incompatible"] & 16
-        extents = factory.qemu_img_map(c)
+        extents = qemu_img_map(c)
         # extents at subcluster granularity (smaller than a cluster) exist
         assert any(e["length"] % c.cluster_size for e in extents), name
         assert any(e["start"] % c.cluster_size and e["start"] % sub == 0 for e in extents), name
-    top = factory.qemu_img_map(factory_images["extl2_backing"])
+    top = qemu_img_map(factory_images["extl2_backing"])
     assert any(e["depth"] == 1 for e in top)  # unallocated subclusters read from the backing
     assert any(e["depth"] == 0 and e["zero"] for e in top)
 
 
 def test_chain3(factory_images):
     top = factory_images["chain3"]
-    chain = factory.qemu_img_info(top, backing_chain=True)
+    chain = qemu_img_info(top, backing_chain=True)
     assert [i["filename"].rsplit("/", 1)[1] for i in chain] == [
         "chain3.qcow2", "chain3_mid.qcow2", "chain3_base.qcow2"]
-    depths = {e["depth"] for e in factory.qemu_img_map(top)}
+    depths = {e["depth"] for e in qemu_img_map(top)}
     assert {0, 1, 2} <= depths
 
 
 def test_backing_sizes(factory_images):
     lg = factory_images["backing_larger"]
     sm = factory_images["backing_smaller"]
-    base_lg = factory.qemu_img_info(lg.backing_chain[0])["virtual-size"]
-    base_sm = factory.qemu_img_info(sm.backing_chain[0])["virtual-size"]
+    base_lg = qemu_img_info(lg.backing_chain[0])["virtual-size"]
+    base_sm = qemu_img_info(sm.backing_chain[0])["virtual-size"]
     assert lg.virtual_size > base_lg and base_lg % lg.cluster_size
     assert sm.virtual_size < base_sm
-    assert factory.qemu_img_info(lg)["backing-filename"].startswith("/")
+    assert qemu_img_info(lg)["backing-filename"].startswith("/")
 
 
 def test_backing_relative(factory_images):
     c = factory_images["backing_relative"]
-    info = factory.qemu_img_info(c)
+    info = qemu_img_info(c)
     assert info["backing-filename"] == "../B/base.qcow2"
     assert c.path.parent.name == "A"
     assert (c.path.parent / info["backing-filename"]).resolve() == c.backing_chain[0].resolve()
 
 
 def test_backing_raw_and_nofmt(factory_images):
-    chain = factory.qemu_img_info(factory_images["backing_raw"], backing_chain=True)
+    chain = qemu_img_info(factory_images["backing_raw"], backing_chain=True)
     assert chain[1]["format"] == "raw"
     nofmt = factory_images["backing_nofmt"]
     assert factory.EXT_BACKING_FORMAT not in extension_types(nofmt)
     assert factory.EXT_BACKING_FORMAT in extension_types(factory_images["chain3"])
-    chain = factory.qemu_img_info(nofmt, backing_chain=True)
+    chain = qemu_img_info(nofmt, backing_chain=True)
     assert chain[1]["format"] == "qcow2"  # probed
 
 
@@ -323,8 +325,8 @@ def test_encryption(factory_images):
     assert header(factory_images["aes"])["crypt_method"] == 1
     for name in ("luks", "aes"):
         c = factory_images[name]
-        assert c.encrypted and c.secret == factory.SECRET
-        assert any(e["data"] for e in factory.qemu_img_map(c))
+        assert c.encrypted and c.secret == SECRET
+        assert any(e["data"] for e in qemu_img_map(c))
 
 
 def test_sizes(factory_images):
@@ -335,7 +337,7 @@ def test_sizes(factory_images):
 
 
 def test_discard_and_zero(factory_images):
-    extents = factory.qemu_img_map(factory_images["discard_zero"])
+    extents = qemu_img_map(factory_images["discard_zero"])
     zero_alloc = [e for e in extents if e["zero"] and "offset" in e]
     zero_unalloc = [e for e in extents if e["zero"] and "offset" not in e and e["present"]]
     assert zero_alloc and zero_unalloc
@@ -351,4 +353,4 @@ def test_vmstate_l1_beyond_disk(factory_images):
 def test_clone(factory_images, clone_image):
     c = clone_image(factory_images["chain3"])
     assert c.path != factory_images["chain3"].path and c.path.is_file()
-    assert factory.qemu_img_info(c, backing_chain=True)[2]["filename"] == str(c.backing_chain[1])
+    assert qemu_img_info(c, backing_chain=True)[2]["filename"] == str(c.backing_chain[1])

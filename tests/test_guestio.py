@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import factory
+from qemu import QEMU_IMG, QEMU_IO, run, sha256_file
 import qcow2kit
 from qcow2kit import GuestFile, open_guest
 from qcow2kit.image import RawImage
@@ -218,7 +218,7 @@ def test_hashlib_loop_equals_qemu_img_convert(factory_images, qemu_raw, name):
     with qcow2kit.open(case.path) as img, io.BufferedReader(GuestFile(img)) as f:
         for chunk in iter(lambda: f.read(64 * KiB + 1), b""):
             h.update(chunk)
-    assert h.hexdigest() == factory.sha256_file(qemu_raw(case)) == case.sha256
+    assert h.hexdigest() == sha256_file(qemu_raw(case)) == case.sha256
 
 
 def _positions(size: int) -> st.SearchStrategy[int]:
@@ -292,13 +292,13 @@ def test_tarfile_reads_a_tar_stored_in_a_qcow2_chain(tmp_path):
     half = len(tar_bytes) // 2 // 4096 * 4096 + 1234              # not cluster aligned
     base_raw = tmp_path / "base.raw"
     base_raw.write_bytes(tar_bytes[:half] + bytes(len(tar_bytes) - half))
-    factory.run([factory.QEMU_IMG, "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+    run([QEMU_IMG, "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
                  "cluster_size=4096", base_raw, tmp_path / "base.qcow2"])
-    factory.run([factory.QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F",
+    run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F",
                  "qcow2", tmp_path / "top.qcow2"], cwd=tmp_path)
     tail = tmp_path / "tail.bin"
     tail.write_bytes(tar_bytes[half:])
-    factory.run([factory.QEMU_IO, "-f", "qcow2", "-c",
+    run([QEMU_IO, "-f", "qcow2", "-c",
                  f"write -s {tail} {half} {len(tar_bytes) - half}", tmp_path / "top.qcow2"])
 
     expected = tarfile.open(fileobj=io.BytesIO(tar_bytes))
@@ -333,12 +333,12 @@ def test_partition_table_reads_at_0x1be(tmp_path):
     entries = [(0x80, 0x83, 2048, 8192), (0x00, 0x07, 10240, 6144)]
     sector0 = tmp_path / "mbr.bin"
     sector0.write_bytes(_mbr(entries))
-    factory.run([factory.QEMU_IMG, "create", "-q", "-f", "qcow2", tmp_path / "base.qcow2", "8M"])
-    factory.run([factory.QEMU_IO, "-f", "qcow2", "-c", "write -P 0x5a 1M 4M",
+    run([QEMU_IMG, "create", "-q", "-f", "qcow2", tmp_path / "base.qcow2", "8M"])
+    run([QEMU_IO, "-f", "qcow2", "-c", "write -P 0x5a 1M 4M",
                  tmp_path / "base.qcow2"])
-    factory.run([factory.QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F",
+    run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F",
                  "qcow2", tmp_path / "top.qcow2"], cwd=tmp_path)
-    factory.run([factory.QEMU_IO, "-f", "qcow2", "-c", f"write -s {sector0} 0 512",
+    run([QEMU_IO, "-f", "qcow2", "-c", f"write -s {sector0} 0 512",
                  tmp_path / "top.qcow2"])
     with open_guest(tmp_path / "top.qcow2") as raw, io.BufferedReader(raw) as f:
         f.seek(0x1FE)

@@ -10,13 +10,12 @@ bytes are a real qcow2 image and not only our own idea of one.
 """
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from qemu import QEMU_IMG, QEMU_IO, hexbytes, qemu_img_check, qemu_img_info
 from qcow2kit import Image
 from qcow2kit.image import read_header
 from qcow2kit.info import image_info
@@ -25,15 +24,7 @@ from qcow2kit.layout.header import (FeatureNameEntry, FeatureNameTable, HeaderEx
                                     HeaderV2, HeaderV3Tail)
 from qcow2kit.source import open_source
 
-QEMU_IMG = shutil.which("qemu-img")
-QEMU_IO = shutil.which("qemu-io")
-
 CLUSTER = 4096
-
-
-def hexbytes(*lines: str) -> bytes:
-    """Join hex strings (spaces allowed) into bytes."""
-    return bytes.fromhex("".join(lines))
 
 
 # ------------------------------------------------------------------------------------------
@@ -310,18 +301,12 @@ def test_image_open_reads_the_hex_file(hex_images, name):
 # QEMU agrees that the hand-written bytes are a valid image
 
 
-def qemu_json(*argv: str, cwd: Path, ok=(0,)) -> dict:
-    r = subprocess.run([QEMU_IMG, *argv], cwd=cwd, capture_output=True, text=True)
-    assert r.returncode in ok, r.stderr
-    return json.loads(r.stdout)
-
-
 @pytest.mark.qemu
 @pytest.mark.skipif(not (QEMU_IMG and QEMU_IO), reason="needs qemu-img and qemu-io")
 @pytest.mark.parametrize("name", ["v3", "v2"])
 def test_qemu_accepts_the_hex_file(hex_images, name):
     path = hex_images[name]
-    theirs = qemu_json("info", "--output=json", "-f", "qcow2", str(path), cwd=path.parent)
+    theirs = qemu_img_info(path, extra_args=["-f", "qcow2"])
     with Image.open(path) as img:
         ours = image_info(img)
     for key in ["virtual-size", "cluster-size", "format", "backing-filename", "dirty-flag",
@@ -334,7 +319,7 @@ def test_qemu_accepts_the_hex_file(hex_images, name):
         assert theirs["format-specific"]["data"]["compression-type"] == "zlib"
         assert theirs["format-specific"]["data"]["corrupt"] is False
 
-    check = qemu_json("check", "--output=json", "-f", "qcow2", path.name, cwd=path.parent)
+    _, check = qemu_img_check(path, ok=(0,))
     assert check["check-errors"] == 0 and check.get("corruptions", 0) == 0
     assert check.get("leaks", 0) == 0 and check["image-end-offset"] == 6 * CLUSTER
     assert check["allocated-clusters"] == 1

@@ -38,9 +38,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import factory  # tests/ is on sys.path (conftest.py)
+from qemu import (QEMU_IMG, QEMU_IO, cli_in_process, have_qemu, merge_ranges, open_args,
+                  qemu_convert_raw, qemu_img_map, run)
 from qcow2kit import benchorder, hostorder, sort
 from qcow2kit.benchorder import split_requests
-from qcow2kit.cli.main import main as cli_main
 from qcow2kit.convert import convert_to_raw
 from qcow2kit.errors import UnsupportedFeatureError
 from qcow2kit.hostorder import (REQUEST_DTYPE, RUN_DTYPE, HostOrderPlan, coalesce,
@@ -77,12 +78,6 @@ VARIANTS = [
 # =========================================================================== helpers
 
 
-def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = cli_main(list(argv))
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
 def _readable(factory_images) -> list[factory.ImageCase]:
     return [c for _, c in sorted(factory_images.items()) if not c.encrypted]
 
@@ -96,20 +91,9 @@ def _encrypted(factory_images) -> list[factory.ImageCase]:
 def _qemu(case: factory.ImageCase, *args: str) -> tuple[int, str, str]:
     """(exit status, stdout, stderr) of qemu-img run in the image's directory."""
     p = case.path.absolute()
-    proc = subprocess.run([factory.QEMU_IMG, *args, *factory.open_args(case)], cwd=p.parent,
+    proc = subprocess.run([QEMU_IMG, *args, *open_args(case)], cwd=p.parent,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc.returncode, proc.stdout, proc.stderr
-
-
-def _merge(ranges) -> list[tuple[int, int]]:
-    """Sorted (start, length) ranges with touching/overlapping ones joined."""
-    out: list[list[int]] = []
-    for s, n in sorted((int(s), int(n)) for s, n in ranges if n):
-        if out and s <= out[-1][0] + out[-1][1]:
-            out[-1][1] = max(out[-1][1], s + n - out[-1][0])
-        else:
-            out.append([s, n])
-    return [(s, n) for s, n in out]
 
 
 def _coverage(ranges, lo: int, hi: int, unit: int) -> np.ndarray:
@@ -178,13 +162,13 @@ def check_host_read(img: Image, expected, data_ranges, *, start: int = 0,
             i = int(np.flatnonzero((cov_data + cov_zero) != 1)[0])
             problems.append(f"guest {start + i * unit:#x}: covered {int(cov_data[i])}x by "
                             f"pieces, {int(cov_zero[i])}x by zero ranges")
-    if _merge(pieces) != _merge(data_ranges):
+    if merge_ranges(pieces) != merge_ranges(data_ranges):
         problems.append("merged piece ranges differ from the merged data extents")
     return problems
 
 
 def _qemu_data_ranges(case: factory.ImageCase) -> list[tuple[int, int]]:
-    return [(e["start"], e["length"]) for e in factory.qemu_img_map(case)
+    return [(e["start"], e["length"]) for e in qemu_img_map(case)
             if e["data"] and not e["zero"]]
 
 
@@ -364,20 +348,20 @@ def test_sub_range_with_compressed_clusters(sample4k):
 def compressed_chain(tmp_path_factory):
     """A 512-byte-cluster top over a 64 KiB-cluster base of compressed clusters (packed two
     streams to a host cluster); top writes split each base cluster into fall-through pieces."""
-    if not factory.have_qemu():
+    if not have_qemu():
         pytest.skip("needs qemu-img / qemu-io")
     d = tmp_path_factory.mktemp("compressed-chain")
     base, top = d / "base.qcow2", d / "top.qcow2"
-    factory.run([factory.QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536",
+    run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536",
                  base, "1M"])
-    factory.run([factory.QEMU_IO, "-f", "qcow2", "-c", "write -c -P 1 0 64k",
+    run([QEMU_IO, "-f", "qcow2", "-c", "write -c -P 1 0 64k",
                  "-c", "write -c -P 2 64k 64k", "-c", "write -c -P 5 192k 64k", base])
-    factory.run([factory.QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512",
+    run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512",
                  "-b", base, "-F", "qcow2", top])
-    factory.run([factory.QEMU_IO, "-f", "qcow2", "-c", "write -P 3 10000 1000",
+    run([QEMU_IO, "-f", "qcow2", "-c", "write -P 3 10000 1000",
                  "-c", "write -P 4 100000 512", "-c", "write -P 6 200000 512", top])
-    raw = factory.qemu_convert_raw(top, d / "top.raw")
-    data = [(e["start"], e["length"]) for e in factory.qemu_img_map(top)
+    raw = qemu_convert_raw(top, d / "top.raw")
+    data = [(e["start"], e["length"]) for e in qemu_img_map(top)
             if e["data"] and not e["zero"]]
     return top, raw, data
 
@@ -635,7 +619,7 @@ def test_map_host_order_json(factory_images, capsys):
         if not want_data:
             continue  # see test_map_host_order_json_without_data
         path = str(case.path.absolute())
-        rc, out, err = _cli(capsys, "map", "--order=host", "--output=json", path)
+        rc, out, err = cli_in_process(capsys, "map", "--order=host", "--output=json", path)
         lines = _json_lines(out)
         entries = [json.loads(line) for line in lines]
         problems = []
@@ -653,7 +637,7 @@ def test_map_host_order_json(factory_images, capsys):
                 for strategy in ("merge", "rescan"))
             if merge != rescan:
                 problems.append("map_host_order: merge and rescan differ")
-        rc, out, err = _cli(capsys, "map", "--order=host", "--all", "--output=json", path)
+        rc, out, err = cli_in_process(capsys, "map", "--order=host", "--all", "--output=json", path)
         lines = _json_lines(out)
         if rc != 0 or sorted(lines) != sorted(qlines):
             problems.append(f"--all: rc {rc}, lines differ from qemu-img's")
@@ -667,7 +651,7 @@ def test_map_host_order_json(factory_images, capsys):
 @qemu
 def test_map_host_order_json_without_data(factory_images, capsys):
     case = factory_images["empty"]
-    rc, out, err = _cli(capsys, "map", "--order=host", "--output=json",
+    rc, out, err = cli_in_process(capsys, "map", "--order=host", "--output=json",
                         str(case.path.absolute()))
     assert rc == 0 and not err
     assert _json_lines(out) == []
@@ -690,7 +674,7 @@ def test_map_host_order_human(factory_images, capsys):
         _, qjson, _ = _qemu(case, "map", "--output=json")
         want = sorted((e["start"], e["length"], e["offset"]) for e in json.loads(qjson)
                       if _has_offset_and_data(e) and not e["zero"])
-        rc, out, err = _cli(capsys, "map", "--order=host", str(case.path.absolute()))
+        rc, out, err = cli_in_process(capsys, "map", "--order=host", str(case.path.absolute()))
         problems = []
         if qrc != 0:
             # qemu-img refuses compressed data; so does the host-order listing, and
@@ -737,7 +721,7 @@ def test_convert_both_orders_equal_qemu(factory_images, qemu_raw, tmp_path, caps
         ref = qemu_raw(case)
         for order in ("host", "guest"):
             dst = tmp_path / f"{case.name}.{order}.raw"
-            rc, out, err = _cli(capsys, "convert", "-O", "raw", f"--order={order}",
+            rc, out, err = cli_in_process(capsys, "convert", "-O", "raw", f"--order={order}",
                                 str(case.path), str(dst))
             if rc != 0 or out or err:
                 failures[(case.name, order)] = (rc, out, err)
@@ -752,7 +736,7 @@ def test_convert_progress(factory_images, qemu_raw, tmp_path, capsys):
     case = factory_images["chain3"]
     for order in ("host", "guest"):
         dst = tmp_path / f"p-{order}.raw"
-        rc, out, err = _cli(capsys, "convert", "-p", "-O", "raw", f"--order={order}",
+        rc, out, err = cli_in_process(capsys, "convert", "-p", "-O", "raw", f"--order={order}",
                             "--memory=64K", str(case.path), str(dst))
         assert rc == 0 and out == ""
         assert err.strip(), "no progress on stderr"
@@ -784,7 +768,7 @@ def test_convert_progress_adds_up(sample4k, tmp_path):
 
 
 def _bench(capsys, path, *args: str) -> dict:
-    rc, out, err = _cli(capsys, "bench", "order", "--output=json", *args, str(path))
+    rc, out, err = cli_in_process(capsys, "bench", "order", "--output=json", *args, str(path))
     assert rc == 0, err
     return json.loads(out)
 
@@ -837,7 +821,7 @@ def test_bench_order_json(sample64k, capsys, monkeypatch):
         assert r3[order]["model_seconds"] > r2[order]["model_seconds"]
         assert r3[order]["bytes"] == r2[order]["bytes"]
 
-    rc, out, err = _cli(capsys, "bench", "order", "--no-measure", str(path))
+    rc, out, err = cli_in_process(capsys, "bench", "order", "--no-measure", str(path))
     assert rc == 0 and "sequential bound" in out and "host" in out
 
 
@@ -876,7 +860,7 @@ def test_bench_order_plot(sample64k, tmp_path, capsys):
 @pytest.mark.parametrize("model", ["rpm=fast", "bogus=1", "rpm", "rpm=5400,rpm=7200"])
 def test_bench_order_bad_model(model, sample64k, capsys):
     path, _ = sample64k
-    rc, out, err = _cli(capsys, "bench", "order", "--no-measure", "--model", model, str(path))
+    rc, out, err = cli_in_process(capsys, "bench", "order", "--no-measure", "--model", model, str(path))
     assert rc == 1 and out == ""
     assert err.startswith("qcow2kit: ") and err.count("\n") == 1 and err.endswith("\n")
 
@@ -898,7 +882,7 @@ def test_encrypted_refused(factory_images, tmp_path, capsys):
         for argv in (["convert", "-O", "raw", str(case.path), str(dst)],
                      ["convert", "-O", "raw", "--order=guest", str(case.path), str(dst)],
                      ["bench", "order", "--no-measure", str(case.path)]):
-            rc, out, err = _cli(capsys, *argv)
+            rc, out, err = cli_in_process(capsys, *argv)
             assert rc == 1 and out == ""
             assert err.startswith("qcow2kit: ") and err.count("\n") == 1
             assert "encrypted" in err

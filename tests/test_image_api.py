@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -10,12 +9,9 @@ import pytest
 
 import qcow2kit
 from qcow2kit.sample import make_fragmented_image
+from qemu import sha256_file
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-
-
-def _sha(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def test_l2_cache_stays_within_its_byte_budget(tmp_path):
@@ -58,12 +54,12 @@ def test_host_contiguous_clusters_are_read_with_one_pread():
 
 def test_reading_never_writes(tmp_path):
     info = make_fragmented_image(tmp_path / "s.qcow2", virtual_size=4 << 20, compressed_fraction=0.2)
-    digest = _sha(info.path)
+    digest = sha256_file(info.path)
     mtime = os.stat(info.path).st_mtime_ns
     with qcow2kit.open(info.path) as img:
         img.read(0, img.size)
         list(img.segments(0, img.size))
-    assert _sha(info.path) == digest and os.stat(info.path).st_mtime_ns == mtime
+    assert sha256_file(info.path) == digest and os.stat(info.path).st_mtime_ns == mtime
 
 
 @pytest.mark.qemu
@@ -73,11 +69,11 @@ def test_commands_never_modify_their_inputs(factory_images, tmp_path):
                  "lazy_refcounts", "datafile"):
         case = factory_images[name]
         files = [case.path, *case.backing_chain] + ([case.data_file] if case.data_file else [])
-        before = {str(f): _sha(f) for f in files}
+        before = {str(f): sha256_file(f) for f in files}
         main(["info", "--output=json", "--backing-chain", str(case.path)])
         main(["info", str(case.path)])
         main(["convert", "-O", "raw", str(case.path), str(tmp_path / "out.raw")])
-        assert {str(f): _sha(f) for f in files} == before, name
+        assert {str(f): sha256_file(f) for f in files} == before, name
 
 
 def test_readinto_rejects_ranges_outside_the_disk():

@@ -8,13 +8,12 @@ import inspect
 import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import factory
+from qemu import QEMU_IMG, QEMU_IO, cli_process, run
 import qcow2kit
 from qcow2kit import (BackingChainError, BackingFileNotFoundError, ClusterKind,
                       CorruptImageError, DataFileNotFoundError, ImageNotFoundError,
@@ -65,8 +64,8 @@ def test_open_errors_survive_pickling(tmp_path):
 
 
 def _chain_without_base(tmp_path: Path) -> tuple[Path, Path]:
-    factory.run([factory.QEMU_IMG, "create", "-q", "-f", "qcow2", tmp_path / "base.qcow2", "1M"])
-    factory.run([factory.QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F",
+    run([QEMU_IMG, "create", "-q", "-f", "qcow2", tmp_path / "base.qcow2", "1M"])
+    run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F",
                  "qcow2", tmp_path / "top.qcow2"], cwd=tmp_path)
     (tmp_path / "base.qcow2").unlink()
     return tmp_path / "top.qcow2", tmp_path / "base.qcow2"
@@ -89,9 +88,9 @@ def test_missing_backing_file_is_a_backing_chain_and_file_not_found_error(tmp_pa
 
 @pytest.mark.qemu
 def test_missing_data_file_is_a_file_not_found_error(tmp_path):
-    factory.run([factory.QEMU_IMG, "create", "-q", "-f", "qcow2", "-o",
+    run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o",
                  "data_file=img.data", tmp_path / "img.qcow2", "1M"], cwd=tmp_path)
-    factory.run([factory.QEMU_IO, "-f", "qcow2", "-c", "write 0 64k", "img.qcow2"],
+    run([QEMU_IO, "-f", "qcow2", "-c", "write 0 64k", "img.qcow2"],
                 cwd=tmp_path)
     (tmp_path / "img.data").unlink()
     with qcow2kit.open(tmp_path / "img.qcow2") as img:
@@ -106,8 +105,7 @@ def test_missing_data_file_is_a_file_not_found_error(tmp_path):
 def _cli(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    return subprocess.run([sys.executable, "-m", "qcow2kit", *argv], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=60)
+    return cli_process(*argv, cwd=cwd, env=env, timeout=60)
 
 
 def _assert_names_once(r: subprocess.CompletedProcess[str], name: str) -> None:

@@ -10,15 +10,13 @@ Corrupted headers must be refused with the message QEMU gives for them.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from qcow2kit.errors import InvalidHeaderError, Qcow2Error
+from qemu import QEMU_ENV, QEMU_IMG, create_encrypted, qemu_img
 from qcow2kit.layout.luks import (
     LUKS_HEADER_SIZE,
     LUKS_KEY_SLOT_DISABLED,
@@ -28,7 +26,6 @@ from qcow2kit.layout.luks import (
     parse_luks_header,
 )
 
-QEMU_IMG = shutil.which("qemu-img")
 pytestmark = pytest.mark.skipif(QEMU_IMG is None, reason="qemu-img not installed")
 
 EXT_CRYPTO_HEADER = 0x0537BE77
@@ -36,23 +33,11 @@ SLOTS = 208          # offset of key slot 0 in the LUKS header
 SLOT_SIZE = 48
 
 
-def _qemu_img(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TZ="UTC", LC_ALL="C")
-    return subprocess.run([QEMU_IMG, *args], cwd=cwd, env=env, capture_output=True, text=True)
-
-
 def _create_encrypted(cwd: Path, name: str, fmt: str, opts: str, size: str = "16M") -> Path:
-    """qemu-img create with a LUKS secret; retried because QEMU's PBKDF
-    calibration fails at random on coarse CPU clocks ("Unable to get
-    accurate CPU usage")."""
-    for _ in range(40):
-        r = _qemu_img("create", "-q", "-f", fmt, "--object", "secret,id=sec0,data=abc",
-                      "-o", opts, name, size, cwd=cwd)
-        if r.returncode == 0:
-            return cwd / name
-        if "Unable to get accurate CPU usage" not in r.stderr:
-            pytest.fail(f"qemu-img create {opts}: {r.stderr}")
-    pytest.skip("qemu-img could not calibrate PBKDF on this machine")
+    """qemu-img create with a LUKS secret (see qemu.create_encrypted)."""
+    if not create_encrypted(cwd / name, size, opts, fmt=fmt, env=QEMU_ENV):
+        pytest.skip("qemu-img could not calibrate PBKDF on this machine")
+    return cwd / name
 
 
 def _crypto_extension(image: bytes) -> tuple[int, int]:
@@ -78,7 +63,7 @@ def _qcow2_luks_header(path: Path) -> tuple[bytes, int]:
 
 
 def _qemu_encrypt(path: Path) -> dict:
-    r = _qemu_img("info", "--output=json", path.name, cwd=path.parent)
+    r = qemu_img("info", "--output=json", path.name, cwd=path.parent, ok=None, env=QEMU_ENV)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)["format-specific"]["data"]["encrypt"]
 
@@ -155,7 +140,7 @@ def raw_luks(workdir: Path) -> Path:
 
 
 def test_raw_luks_format_specific(raw_luks: Path) -> None:
-    r = _qemu_img("info", "--output=json", raw_luks.name, cwd=raw_luks.parent)
+    r = qemu_img("info", "--output=json", raw_luks.name, cwd=raw_luks.parent, ok=None, env=QEMU_ENV)
     data = json.loads(r.stdout)["format-specific"]["data"]
     info = luks_info(raw_luks.read_bytes()[:4096])
     assert info.pop("format") == "luks"
@@ -215,7 +200,7 @@ def test_corrupt_header_refused_like_qemu(raw_luks: Path, tmp_path: Path, name: 
     patch(data)
     bad = tmp_path / "bad.luks"
     bad.write_bytes(bytes(data))
-    r = _qemu_img("info", "-f", "luks", bad.name, cwd=tmp_path)
+    r = qemu_img("info", "-f", "luks", bad.name, cwd=tmp_path, ok=None, env=QEMU_ENV)
     assert r.returncode != 0
     prefix = "qemu-img: Could not open 'bad.luks': "
     assert r.stderr.startswith(prefix), r.stderr

@@ -42,6 +42,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import factory  # tests/ is on sys.path (conftest.py)
+from qemu import qemu_img
+from qemu import qemu_io as run_qemu_io
 import qcow2kit
 from qcow2kit import mapping as M
 from qcow2kit import tables as T
@@ -192,17 +194,9 @@ def image_case(name: str, path: Path, cluster_size: int, **kw) -> factory.ImageC
                              root=Path(path).parent, **kw)
 
 
-def qemu_img(*args, cwd) -> None:
-    factory.run([factory.QEMU_IMG, *args], cwd=cwd)
-
-
 def qemu_io(path: Path, *cmds: str) -> None:
-    argv = [factory.QEMU_IO, "-f", "qcow2", str(path)]
-    for c in cmds:
-        argv += ["-c", c]
-    out = factory.run(argv, cwd=path.parent)
-    if "failed" in out.lower():
-        raise factory.FactoryError(f"qemu-io: {out}")
+    """qemu-io (see qemu.qemu_io) that also fails when qemu-io says a command failed."""
+    run_qemu_io(path, *cmds, refuse=("failed",))
 
 
 # =========================================================================== 1. every image

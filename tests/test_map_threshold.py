@@ -26,7 +26,8 @@ import pytest
 import factory  # tests/ is on sys.path (conftest.py)
 import qcow2kit
 from qcow2kit import mapping as M
-from test_map import (KiB, MiB, image_case, parse_layout, qemu_img, qemu_io, qemu_map,
+from qemu import qemu_img
+from test_map import (KiB, MiB, image_case, parse_layout, qemu_io, qemu_map,
                       qemu_map_uncached, run_cli)
 
 qemu = pytest.mark.qemu

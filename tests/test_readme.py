@@ -80,7 +80,7 @@ def test_readme_import_check_can_fail():
 def test_readme_library_examples_run(tmp_path, monkeypatch, capsys):
     """Every ```python block of the README, run in order on small images with the names the
     README uses (disk.qcow2, overlay.qcow2 over a backing file, backup.qcow2 holding a tar)."""
-    import factory
+    from qemu import QEMU_IMG, run
     fixtures = ROOT / "fixtures"
     shutil.copy(fixtures / "plain4k.qcow2", tmp_path / "disk.qcow2")
     shutil.copy(fixtures / "plain4k.qcow2", tmp_path / "plain4k.qcow2")
@@ -92,8 +92,7 @@ def test_readme_library_examples_run(tmp_path, monkeypatch, capsys):
         tar.addfile(info, io.BytesIO(b"hello\n"))
     raw = tmp_path / "backup.raw"
     raw.write_bytes(bio.getvalue().ljust(1 << 20, b"\0"))
-    factory.run([factory.QEMU_IMG, "convert", "-f", "raw", "-O", "qcow2", raw,
-                 tmp_path / "backup.qcow2"])
+    run([QEMU_IMG, "convert", "-f", "raw", "-O", "qcow2", raw, tmp_path / "backup.qcow2"])
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {}
     for i, block in enumerate(_readme_python_blocks()):

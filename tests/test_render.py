@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import struct
 import subprocess
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from qemu import QEMU_ENV, QEMU_IMG, QEMU_IO, create_encrypted, qemu_img, qemu_io
 from qcow2kit.cli.render.check import render_check_human, render_check_json, render_measure_json
 from qcow2kit.cli.render.info import (render_info_chain_human, render_info_chain_json,
                                       render_info_human, render_info_json, render_snapshot_table,
@@ -30,12 +30,9 @@ from qcow2kit.cli.render.map import map_entry_json, render_map_human, render_map
 from qcow2kit.cli.render.qemujson import (QAPI_STRUCTS, QDICT_BUCKET_MAX, qdict_hash, qdict_order,
                                           to_qemu_json)
 
-QEMU_IMG = shutil.which("qemu-img")
-QEMU_IO = shutil.which("qemu-io")
 pytestmark = pytest.mark.skipif(QEMU_IMG is None or QEMU_IO is None,
                                 reason="qemu-img / qemu-io not installed")
 
-QEMU_ENV = dict(os.environ, TZ="UTC", LC_ALL="C")
 SECRET = ["--object", "secret,id=sec0,data=abc"]
 
 
@@ -48,34 +45,19 @@ def utc(monkeypatch):
     time.tzset()
 
 
-def run(prog: str, *args: str, cwd: Path, ok=(0,)) -> subprocess.CompletedProcess:
-    r = subprocess.run([prog, *args], cwd=cwd, env=QEMU_ENV, capture_output=True)
-    r.stdout = r.stdout.decode("utf-8", "surrogateescape")
-    r.stderr = r.stderr.decode("utf-8", "surrogateescape")
-    if ok is not None and r.returncode not in ok:
-        raise AssertionError(f"{prog} {' '.join(args)} -> {r.returncode}: {r.stderr}")
-    return r
-
-
-def img(*args: str, cwd: Path, ok=(0,)) -> subprocess.CompletedProcess:
-    return run(QEMU_IMG, *args, cwd=cwd, ok=ok)
+def img(*args, cwd: Path, ok=(0,)) -> subprocess.CompletedProcess:
+    """qemu-img in the C locale and UTC."""
+    return qemu_img(*args, cwd=cwd, ok=ok, env=QEMU_ENV)
 
 
 def io(path: str, *cmds: str, cwd: Path, extra=()) -> None:
-    argv = [*extra]
-    for c in cmds:
-        argv += ["-c", c]
-    run(QEMU_IO, *argv, *([] if extra else ["-f", "qcow2", path]), cwd=cwd)
+    """qemu-io on `path`, or on the image `extra` opens (--image-opts)."""
+    qemu_io(path, *cmds, cwd=cwd, env=QEMU_ENV, image_args=extra or None)
 
 
 def create_luks(cwd: Path, name: str, fmt: str, opts: str, size: str) -> None:
-    # QEMU's PBKDF calibration fails at random on coarse CPU clocks: retry
-    for _ in range(40):
-        r = img("create", "-q", "-f", fmt, *SECRET, "-o", opts, name, size, cwd=cwd, ok=None)
-        if r.returncode == 0:
-            return
-        assert "Unable to get accurate CPU usage" in r.stderr, r.stderr
-    pytest.skip("qemu-img could not calibrate PBKDF on this machine")
+    if not create_encrypted(cwd / name, size, opts, fmt=fmt, env=QEMU_ENV):
+        pytest.skip("qemu-img could not calibrate PBKDF on this machine")
 
 
 def patch_refcount(path: Path, cluster: int, value: int) -> None:

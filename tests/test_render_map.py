@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -36,6 +35,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qcow2kit.cli.render import map as R
+from qemu import QEMU_IMG, QEMU_IO, open_args, run_process
+from qemu import qemu_io as run_qemu_io
 from qcow2kit.cli.render.map import (
     EXTENT_DTYPE,
     MAP_HUMAN_ERROR,
@@ -50,8 +51,6 @@ from qcow2kit.cli.render.map import (
 PRESENT, ZERO, DATA, OFFSET, COMPRESSED = 1, 2, 4, 8, 16
 MAX63 = 2 ** 63 - 1
 
-QEMU_IMG = shutil.which("qemu-img")
-QEMU_IO = shutil.which("qemu-io")
 QEMU_ENV = dict(os.environ, LC_ALL="C")
 needs_qemu = pytest.mark.skipif(QEMU_IMG is None or QEMU_IO is None,
                                 reason="qemu-img / qemu-io not installed")
@@ -339,17 +338,12 @@ def test_human_large_batch():
 # --------------------------------------------------------------------------
 
 def qemu(*args: str, cwd: Path, ok=(0,)) -> subprocess.CompletedProcess:
-    r = subprocess.run(list(args), cwd=cwd, env=QEMU_ENV, capture_output=True)
-    if ok is not None and r.returncode not in ok:
-        raise AssertionError(f"{args} -> {r.returncode}: {r.stderr!r}")
-    return r
+    """A QEMU tool in the C locale, output as bytes."""
+    return run_process(args, cwd=cwd, ok=ok, env=QEMU_ENV, text=False)
 
 
 def qemu_io(cwd: Path, name: str, *cmds: str) -> None:
-    argv = [QEMU_IO, "-f", "qcow2"]
-    for c in cmds:
-        argv += ["-c", c]
-    qemu(*argv, name, cwd=cwd)
+    run_qemu_io(name, *cmds, cwd=cwd, env=QEMU_ENV)
 
 
 def create(cwd: Path, name: str, size: str, *opts: str) -> None:
@@ -479,11 +473,10 @@ def test_qemu_img_quirks(images):
 
 @needs_qemu
 def test_against_qemu_img_factory(factory_images):
-    import factory
     rng = random.Random(5)
     for name, case in sorted(factory_images.items()):
         try:
-            check_against_qemu(factory.open_args(case), case.path.parent, rng)
+            check_against_qemu(open_args(case), case.path.parent, rng)
         except AssertionError as exc:
             raise AssertionError(f"factory case {name}: {exc}") from None
 

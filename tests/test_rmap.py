@@ -17,12 +17,10 @@ the format document is checked from QEMU's side:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import struct
@@ -35,6 +33,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import qemu
+from qemu import (QEMU_IO, cli_process, create_encrypted, qemu_create, qemu_img, qemu_img_check,
+                  qemu_img_info, qemu_img_map, qemu_io_read, sha256_file)
 from qcow2kit.rmap import format as rmap_format
 from qcow2kit.cli.main import main as cli_main
 from qcow2kit.hostorder import HostOrderPlan, read_host_order
@@ -42,8 +43,6 @@ from qcow2kit.image import Image
 
 pytestmark = pytest.mark.qemu
 
-QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
-QEMU_IO = shutil.which("qemu-io") or "qemu-io"
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -56,15 +55,6 @@ DROP_STEPS = 2      # clear the bit, remove the extension (then truncate, no ste
 # --------------------------------------------------------------------------- running things
 
 
-def sh(*cmd, cwd=None, ok=(0,)) -> subprocess.CompletedProcess:
-    argv = [os.fspath(c) for c in cmd]
-    p = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, errors="replace")
-    if p.returncode not in ok:
-        raise AssertionError(f"{' '.join(argv)} exited {p.returncode}\n"
-                             f"stderr: {p.stderr}\nstdout: {p.stdout[-2000:]}")
-    return p
-
-
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "QCOW2KIT_WRITER_STOP_AT"}
     env.update(extra)
@@ -73,9 +63,7 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def qk_proc(*args, **extra_env: str) -> subprocess.CompletedProcess:
     """The real command line, in its own process."""
-    return subprocess.run([sys.executable, "-m", "qcow2kit", *map(os.fspath, args)],
-                          capture_output=True, text=True, env=child_env(**extra_env),
-                          timeout=120)
+    return cli_process(*args, env=child_env(**extra_env), timeout=120)
 
 
 @pytest.fixture
@@ -89,45 +77,14 @@ def qk(capsys):
     return run
 
 
-def qemu_create(path: Path, size: int, opts: str = "", *, backing: str | None = None,
-                cwd: Path | None = None) -> None:
-    cmd = [QEMU_IMG, "create", "-q", "-f", "qcow2"]
-    if opts:
-        cmd += ["-o", opts]
-    if backing is not None:
-        cmd += ["-b", backing, "-F", "qcow2"]
-    sh(*cmd, path, str(size), cwd=cwd)
-
-
 def qemu_io(path: Path, *cmds: str, readonly: bool = False, ok=(0,)) -> subprocess.CompletedProcess:
-    argv = [QEMU_IO, "-f", "qcow2"] + (["-r"] if readonly else [])
-    for c in cmds:
-        argv += ["-c", c]
-    p = sh(*argv, path, cwd=path.parent, ok=ok)
-    if ok == (0,):
-        # qemu-io reports a failed command on stdout/stderr but may still exit 0
-        text = (p.stdout + p.stderr).lower()
-        assert "error" not in text and "failed" not in text, p.stdout + p.stderr
-    return p
-
-
-def qemu_info(path: Path) -> dict:
-    return json.loads(sh(QEMU_IMG, "info", "--output=json", path, cwd=path.parent).stdout)
-
-
-def qemu_map(path: Path) -> list[dict]:
-    return json.loads(sh(QEMU_IMG, "map", "--output=json", "-f", "qcow2", path,
-                         cwd=path.parent).stdout)
-
-
-def qemu_check(path: Path) -> tuple[int, dict]:
-    p = sh(QEMU_IMG, "check", "--output=json", "-f", "qcow2", path, cwd=path.parent,
-           ok=(0, 1, 2, 3))
-    return p.returncode, (json.loads(p.stdout) if p.stdout.strip() else {"stderr": p.stderr})
+    """qemu.qemu_io; when it must succeed, output saying "error" or "failed" fails too."""
+    return qemu.qemu_io(path, *cmds, readonly=readonly, ok=ok,
+                        refuse=("error", "failed") if ok == (0,) else ())
 
 
 def assert_check_clean(path: Path) -> dict:
-    rc, res = qemu_check(path)
+    rc, res = qemu_img_check(path, ok=(0, 1, 2, 3))
     assert rc == 0, res
     assert res.get("check-errors", 0) == 0, res
     assert res.get("leaks", 0) == 0 and res.get("corruptions", 0) == 0, res
@@ -142,35 +99,16 @@ def qemu_raw(path: Path) -> bytes:
     """The guest disk as ``qemu-img convert -O raw`` writes it."""
     dst = path.parent / f"{path.name}.{next(_raw_seq)}.raw"
     try:
-        sh(QEMU_IMG, "convert", "-f", "qcow2", "-O", "raw", path, dst, cwd=path.parent)
+        qemu_img("convert", "-f", "qcow2", "-O", "raw", path, dst, cwd=path.parent)
         return dst.read_bytes()
     finally:
         dst.unlink(missing_ok=True)
-
-
-def qemu_io_read(path: Path, offset: int, length: int) -> bytes:
-    """Bytes read by ``qemu-io -r -c 'read -v'`` (read-only: keeps the map valid)."""
-    out = qemu_io(path, f"read -v {offset} {length}", readonly=True).stdout
-    data = bytearray()
-    for line in out.splitlines():
-        m = re.match(r"^([0-9a-f]{8}):  (.*)$", line)
-        if not m:
-            continue
-        assert int(m.group(1), 16) == offset + len(data)
-        n = min(16, length - len(data))
-        data += bytes(int(t, 16) for t in m.group(2).split(" ")[:n])
-    assert len(data) == length, out
-    return bytes(data)
 
 
 def info_without_size(info: dict) -> dict:
     info = dict(info)
     info.pop("actual-size", None)
     return info
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def align_up(n: int, a: int) -> int:
@@ -411,7 +349,7 @@ def make_case(name: str, d: Path, seed: int = 0) -> Case:
         src = d / "convsrc.qcow2"
         qemu_create(src, size)
         qemu_io(src, *_writes(rng, srcs, size, 20))
-        sh(QEMU_IMG, "convert", "-c", "-O", "qcow2", "-o", "compression_type=zlib", src, top)
+        qemu_img("convert", "-c", "-O", "qcow2", "-o", "compression_type=zlib", src, top)
         return Case(name, top)
     if name in ("datafile", "datafile-raw"):
         raw = name == "datafile-raw"
@@ -441,9 +379,9 @@ def make_case(name: str, d: Path, seed: int = 0) -> Case:
         # persistent bitmap (autoclear bit 0, which the map must leave alone)
         qemu_create(top, size)
         qemu_io(top, *_writes(rng, srcs, size, 20))
-        sh(QEMU_IMG, "snapshot", "-c", "snap1", top)
+        qemu_img("snapshot", "-c", "snap1", top)
         qemu_io(top, *_writes(rng, srcs, size, 20))
-        sh(QEMU_IMG, "bitmap", "--add", top, "bm0")
+        qemu_img("bitmap", "--add", top, "bm0")
         return Case(name, top)
     if name == "empty":
         qemu_create(top, size)
@@ -480,7 +418,7 @@ def expected_from_qemu_map(path: Path, unit: int, cluster_size: int
     pairs of the top layer's allocated data, and the guest clusters stored compressed."""
     data: set[tuple[int, int]] = set()
     comp: set[int] = set()
-    for e in qemu_map(path):
+    for e in qemu_img_map(path):
         if e["depth"] != 0 or not e["data"]:
             continue
         start, end = e["start"], e["start"] + e["length"]
@@ -594,7 +532,7 @@ def assert_same_image(path: Path, raw: bytes, info: dict) -> None:
     """QEMU and qcow2kit read what they read before; qemu-img check is clean."""
     assert_check_clean(path)
     assert qemu_raw(path) == raw
-    assert info_without_size(qemu_info(path)) == info_without_size(info)
+    assert info_without_size(qemu_img_info(path)) == info_without_size(info)
     with Image.open(path) as img:
         assert img.read(0, img.size) == raw
 
@@ -614,7 +552,7 @@ def test_build_keeps_the_image_and_stores_the_right_map(name, tmp_path, qk):
     case = make_case(name, tmp_path)
     path = case.path
     size_before = path.stat().st_size
-    info_before = qemu_info(path)
+    info_before = qemu_img_info(path)
     raw = qemu_raw(path)
     end_before = assert_check_clean(path)["image-end-offset"]
     autoclear_before = header_autoclear(path)
@@ -628,7 +566,7 @@ def test_build_keeps_the_image_and_stores_the_right_map(name, tmp_path, qk):
     res = assert_check_clean(path)
     assert res["image-end-offset"] == end_before
     assert qemu_raw(path) == raw
-    info_after = qemu_info(path)
+    info_after = qemu_img_info(path)
     assert info_without_size(info_after) == info_without_size(info_before)
     if case.backing is not None:
         assert info_after["backing-filename"] == case.backing.name
@@ -722,7 +660,7 @@ def test_qemu_read_write_open_makes_the_map_stale(case_name, how, tmp_path, qk):
     before = read_map(path)
     ext_data = read_header(path).ext(RMAP_TYPE)[0][1]
 
-    info = qemu_info(path)
+    info = qemu_img_info(path)
     if how == "write":
         qemu_io(path, "write -P 5 0 64k")
     else:
@@ -733,7 +671,7 @@ def test_qemu_read_write_open_makes_the_map_stale(case_name, how, tmp_path, qk):
 
     assert not header_autoclear(path) & AUTOCLEAR_BIT
     assert [d for _, d in read_header(path).ext(RMAP_TYPE)] == [ext_data]   # kept as it was
-    assert info_without_size(qemu_info(path)) == info_without_size(info)
+    assert info_without_size(qemu_img_info(path)) == info_without_size(info)
     s = show(qk, path)
     assert s["present"] and not s["valid"] and "stale" in s["reason"], s
     rc, v = verify(qk, path)
@@ -765,12 +703,12 @@ def test_qemu_read_write_open_makes_the_map_stale(case_name, how, tmp_path, qk):
 def test_read_only_qemu_open_keeps_the_map_valid(tmp_path, qk):
     case = make_case("cs4k", tmp_path)
     assert qk("rmap", "build", case.path)[0] == 0
-    digest = sha256(case.path)
+    digest = sha256_file(case.path)
     qemu_io(case.path, "read 0 64k", readonly=True)
     qemu_raw(case.path)
-    qemu_check(case.path)
-    qemu_info(case.path)
-    assert sha256(case.path) == digest
+    qemu_img_check(case.path, ok=(0, 1, 2, 3))
+    qemu_img_info(case.path)
+    assert sha256_file(case.path) == digest
     assert_valid_and_matching(qk, case.path)
 
 
@@ -880,7 +818,7 @@ def test_build_killed_after_any_step(case_name, tmp_path, qk):
     case = make_case("cs4k" if rebuild else case_name, tmp_path)
     path = case.path
     raw = qemu_raw(path)
-    info = qemu_info(path)
+    info = qemu_img_info(path)
     if rebuild:
         assert qk("rmap", "build", path)[0] == 0
     pristine = tmp_path / "pristine.qcow2"
@@ -932,7 +870,7 @@ def test_drop_killed_after_any_step(case_name, tmp_path, qk):
     size0 = path.stat().st_size
     assert size0 % read_header(path).cluster_size == 0
     raw = qemu_raw(path)
-    info = qemu_info(path)
+    info = qemu_img_info(path)
     assert qk("rmap", "build", path)[0] == 0
     built = tmp_path / "built.qcow2"
     shutil.copyfile(path, built)
@@ -986,7 +924,7 @@ def test_build_refuses_while_a_qemu_reader_holds_the_image(tmp_path):
     """A read-only QEMU user refuses to share 'write' (it wants consistent reads)."""
     case = make_case("cs4k", tmp_path)
     path = case.path
-    digest = sha256(path)
+    digest = sha256_file(path)
     proc = subprocess.Popen([QEMU_IO, "-r", "-f", "qcow2", path], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=path.parent)
@@ -1001,7 +939,7 @@ def test_build_refuses_while_a_qemu_reader_holds_the_image(tmp_path):
         proc.stdin.close()
         proc.wait(timeout=30)
         proc.stdout.close()
-    assert sha256(path) == digest
+    assert sha256_file(path) == digest
 
 
 def _one_error_line(stderr: str) -> str:
@@ -1016,17 +954,17 @@ def test_build_and_drop_refuse_while_qemu_holds_the_image(tmp_path, qk):
     assert qk("rmap", "build", path)[0] == 0
     qio = _start_qemu_io(path)
     try:
-        digest = sha256(path)
+        digest = sha256_file(path)
         for action in ("build", "drop"):
             p = qk_proc("rmap", action, path)
             assert p.returncode == 1, (action, p.stdout, p.stderr)
             line = _one_error_line(p.stderr)
             assert "in use" in line and str(path) in line, line
-            assert sha256(path) == digest
+            assert sha256_file(path) == digest
         # the in-process API refuses too (the locks are per open file, not per process)
         rc, out, err = qk("rmap", "build", path)
         assert rc == 1 and "in use" in _one_error_line(err)
-        assert sha256(path) == digest
+        assert sha256_file(path) == digest
     finally:
         qio.stdin.close()
         qio.wait(timeout=30)
@@ -1046,7 +984,7 @@ def test_qemu_cannot_write_while_our_writer_holds_the_image(tmp_path, qk):
     case = make_case("cs4k", tmp_path)
     path = case.path
     raw = qemu_raw(path)
-    info = qemu_info(path)
+    info = qemu_img_info(path)
     proc = subprocess.Popen([sys.executable, "-m", "qcow2kit", "rmap", "build", path],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=child_env(QCOW2KIT_WRITER_STOP_AT="1"))
@@ -1055,7 +993,7 @@ def test_qemu_cannot_write_while_our_writer_holds_the_image(tmp_path, qk):
         assert os.WIFSTOPPED(status)
         p = qemu_io(path, "write -P 7 0 4k", ok=(1,))
         assert 'Failed to get "write" lock' in p.stderr, p.stderr
-        p = sh(QEMU_IMG, "check", path, ok=(1,))
+        p = qemu_img("check", path, ok=(1,))
         assert "lock" in p.stderr
     finally:
         os.kill(proc.pid, signal.SIGKILL)
@@ -1076,9 +1014,9 @@ def test_drop_restores_the_image(case_name, tmp_path, qk):
     case = make_case(case_name, tmp_path)
     path = case.path
     size0 = path.stat().st_size
-    digest0 = sha256(path)
+    digest0 = sha256_file(path)
     raw = qemu_raw(path)
-    info = qemu_info(path)
+    info = qemu_img_info(path)
     autoclear0 = header_autoclear(path)
     assert qk("rmap", "build", path)[0] == 0
     size1 = path.stat().st_size
@@ -1095,16 +1033,16 @@ def test_drop_restores_the_image(case_name, tmp_path, qk):
     assert read_header(path).ext(RMAP_TYPE) == []
     assert_same_image(path, raw, info)
     if case.backing is None:
-        assert sha256(path) == digest0       # byte for byte the image it was
+        assert sha256_file(path) == digest0       # byte for byte the image it was
     assert not show(qk, path)["present"]
     assert plan_source(path) == ("l2", "no reverse map")
 
-    digest1 = sha256(path)
+    digest1 = sha256_file(path)
     rc, out, err = qk("rmap", "drop", path)
     assert rc == 0 and out == "no reverse map to remove\n", (out, err)
     rc, out, err = qk("rmap", "drop", "--output=json", path)
     assert rc == 0 and json.loads(out)["dropped"] is False
-    assert sha256(path) == digest1
+    assert sha256_file(path) == digest1
     rc, v = verify(qk, path)
     assert rc == 1 and not v["matches"]
 
@@ -1114,7 +1052,7 @@ def test_drop_restores_an_unaligned_file_size(tmp_path, qk):
     qemu_create(src, 4 * MiB)
     qemu_io(src, "write -q -P 1 0 1M", "write -q -P 2 2M 300k")
     path = tmp_path / "compressed.qcow2"
-    sh(QEMU_IMG, "convert", "-c", "-O", "qcow2", src, path)
+    qemu_img("convert", "-c", "-O", "qcow2", src, path)
     size0 = path.stat().st_size
     assert size0 % (64 * KiB) != 0          # qemu-img convert -c leaves such files
     raw = qemu_raw(path)
@@ -1146,12 +1084,12 @@ def test_build_refuses_a_v2_image(tmp_path, qk):
     path = tmp_path / "v2.qcow2"
     qemu_create(path, 4 * MiB, "compat=0.10")
     qemu_io(path, "write -q -P 3 0 128k")
-    digest = sha256(path)
+    digest = sha256_file(path)
     p = qk_proc("rmap", "build", path)
     assert p.returncode == 1
     line = _one_error_line(p.stderr)
     assert "version 2" in line and "autoclear" in line, line
-    assert sha256(path) == digest
+    assert sha256_file(path) == digest
     s = show(qk, path)
     assert not s["present"]
     assert verify(qk, path)[0] == 1
@@ -1162,7 +1100,7 @@ def _v2_with_stale_map(tmp_path: Path, qk) -> Case:
     extension in the version 2 header (which has no autoclear field)."""
     case = make_case("backing", tmp_path)
     assert qk("rmap", "build", case.path)[0] == 0
-    sh(QEMU_IMG, "amend", "-f", "qcow2", "-o", "compat=0.10", case.path, cwd=tmp_path)
+    qemu_img("amend", "-f", "qcow2", "-o", "compat=0.10", case.path, cwd=tmp_path)
     h = read_header(case.path)
     assert h.version == 2 and len(h.ext(RMAP_TYPE)) == 1
     return case
@@ -1172,7 +1110,7 @@ def test_a_map_in_a_v2_image_is_stale_and_drop_removes_it(tmp_path, qk):
     case = _v2_with_stale_map(tmp_path, qk)
     path = case.path
     raw = qemu_raw(path)
-    info = qemu_info(path)
+    info = qemu_img_info(path)
     s = show(qk, path)
     assert s["present"] and not s["valid"] and "stale" in s["reason"], s
     assert verify(qk, path)[0] == 1
@@ -1197,25 +1135,17 @@ def test_drop_does_not_write_offset_88_of_a_v2_header(tmp_path, qk):
 
 
 def _create_luks(path: Path) -> None:
-    for attempt in range(10):
-        p = subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "--object",
-                            "secret,id=sec0,data=hunter2", "-o",
-                            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-                            path, "4M"], capture_output=True, text=True)
-        if p.returncode == 0:
-            return
-        # QEMU's PBKDF benchmark fails now and then: "Unable to get accurate CPU usage"
-        assert "accurate CPU usage" in p.stderr, p.stderr
-        path.unlink(missing_ok=True)
-    pytest.fail("qemu-img could not create a LUKS image")
+    if not create_encrypted(path, "4M", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+                            secret="hunter2", attempts=10):
+        pytest.fail("qemu-img could not create a LUKS image")
 
 
 def test_build_refuses_an_encrypted_image(tmp_path, qk):
     path = tmp_path / "luks.qcow2"
     _create_luks(path)
-    digest = sha256(path)
+    digest = sha256_file(path)
     p = qk_proc("rmap", "build", path)
     assert p.returncode == 1
     line = _one_error_line(p.stderr)
     assert "encrypted" in line, line
-    assert sha256(path) == digest
+    assert sha256_file(path) == digest

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from qcow2kit import spec
+from qemu import qemu_img_check, run_process
+from qemu import qemu_img_map as qemu_map
 from qcow2kit.sample import (
     KIND_COMPRESSED,
     KIND_NORMAL,
@@ -46,25 +48,16 @@ CASES = {
 
 
 def run(*args: str, ok=(0,)) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, capture_output=True, text=True)
-    assert proc.returncode in ok, f"{args}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
+    return run_process(args, ok=ok)
 
 
 def qemu_check(path) -> dict:
-    proc = subprocess.run(["qemu-img", "check", "--output=json", "-f", "qcow2", str(path)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, f"qemu-img check exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    report = json.loads(proc.stdout)
+    """qemu-img check's report, which must be clean (exit status 0, no errors, no leaks)."""
+    _, report = qemu_img_check(path, ok=(0,))
     assert report.get("check-errors", 0) == 0
     assert report.get("corruptions", 0) == 0
     assert report.get("leaks", 0) == 0
     return report
-
-
-def qemu_map(path) -> list[dict]:
-    out = run("qemu-img", "map", "--output=json", "-f", "qcow2", str(path)).stdout
-    return json.loads(out)
 
 
 def assert_converted_equal(info, tmp_path, image=None, written=()) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import struct
 import subprocess
 import zlib
@@ -40,10 +39,11 @@ import factory  # tests/ is on sys.path (conftest.py)
 import qcow2kit
 from qcow2kit import Qcow2Error
 from qcow2kit.cli.main import main as cli_main
+from qemu import QEMU_IMG, QEMU_IO, data_ranges, have_qemu, qemu_img_map, qemu_io_read, run, same_file
 from test_map import image_case, qemu_map_uncached, run_cli
 
 pytestmark = [pytest.mark.qemu,
-              pytest.mark.skipif(not factory.have_qemu(), reason="needs qemu-img and qemu-io")]
+              pytest.mark.skipif(not have_qemu(), reason="needs qemu-img and qemu-io")]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -82,15 +82,15 @@ def build(d: Path, compression: str, variant: str) -> Path:
         f.seek(MiB)
         f.write(rng.randbytes(extra * CS))
     path = d / f"{compression}-{variant}.qcow2"
-    factory.run([factory.QEMU_IMG, "convert", "-q", "-c", "-O", "qcow2", "-o",
+    run([QEMU_IMG, "convert", "-q", "-c", "-O", "qcow2", "-o",
                  f"compression_type={compression}", raw, path])
     raw.unlink()
     if variant == "holes":
-        for e in factory.qemu_img_map(path):
+        for e in qemu_img_map(path):
             if e["start"] == MiB:
                 subprocess.run(["fallocate", "--punch-hole", "--offset", str(e["offset"]),
                                 "--length", str(e["length"]), str(path)], check=True)
-    factory.run([factory.QEMU_IO, "-f", "qcow2", "-c", f"write -P 0x33 {HIGH} {2 * CS}", path])
+    run([QEMU_IO, "-f", "qcow2", "-c", f"write -P 0x33 {HIGH} {2 * CS}", path])
     return path
 
 
@@ -182,27 +182,8 @@ def bases(tmp_path_factory):
 # QEMU's view
 
 
-_HEX_LINE = re.compile(rb"^([0-9a-f]{8}):  ((?:[0-9a-f]{2} ){1,16})", re.M)
-
-
-def qemu_io_read(path: Path, offset: int, length: int) -> bytes | None:
-    """The bytes ``qemu-io -c 'read -v'`` dumps, or None when the read fails."""
-    proc = subprocess.run([factory.QEMU_IO, "-r", "-f", "qcow2", "-c",
-                           f"read -v {offset} {length}", str(path)], capture_output=True)
-    if proc.returncode != 0 or b"failed" in proc.stdout + proc.stderr:
-        return None
-    out = bytearray()
-    for m in _HEX_LINE.finditer(proc.stdout):
-        if int(m.group(1), 16) != offset + len(out):
-            raise factory.FactoryError(f"qemu-io read -v: unexpected line {m.group(0)!r}")
-        out += bytes.fromhex(m.group(2).decode())
-    if len(out) != length:
-        raise factory.FactoryError(f"qemu-io read -v dumped {len(out)} bytes, not {length}")
-    return bytes(out)
-
-
 def qemu_convert(path: Path, dst: Path) -> bool:
-    proc = subprocess.run([factory.QEMU_IMG, "convert", "-O", "raw", str(path), str(dst)],
+    proc = subprocess.run([QEMU_IMG, "convert", "-O", "raw", str(path), str(dst)],
                           capture_output=True)
     return proc.returncode == 0
 
@@ -211,28 +192,11 @@ def copy_sparse(src: Path, dst: Path) -> None:
     """Copy ``src`` with its holes where they are (its allocation decides QEMU's heuristic)."""
     with open(src, "rb") as fs, open(dst, "wb") as fd:
         size = os.fstat(fs.fileno()).st_size
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fs.fileno(), pos, os.SEEK_DATA)
-            except OSError:
-                break
-            hole = os.lseek(fs.fileno(), data, os.SEEK_HOLE)
+        for data, hole in data_ranges(fs.fileno(), size):
             fs.seek(data)
             fd.seek(data)
             fd.write(fs.read(hole - data))
-            pos = hole
         fd.truncate(size)
-
-
-def same_files(a: Path, b: Path) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(4 * MiB), fb.read(4 * MiB)
-            if x != y:
-                return False
-            if not x:
-                return True
 
 
 # ------------------------------------------------------------------------------------------
@@ -275,7 +239,7 @@ def test_truncated_image_reads_as_qemu_reads_it(bases, tmp_path, capsysbinary,
     out, err = capsysbinary.readouterr()
     if qemu_ok:
         assert (rc, err) == (0, b"")
-        assert same_files(kraw, qraw)
+        assert same_file(kraw, qraw)
     else:
         assert rc == 1 and err.startswith(b"qcow2kit: ") and err.count(b"\n") == 1, err
 
@@ -301,9 +265,9 @@ def refblock_base(tmp_path_factory) -> tuple[Path, int]:
     allocated after the first data clusters of its own range.  Returns (path, its offset)."""
     d = tmp_path_factory.mktemp("truncated-refblock")
     path = d / "rb.qcow2"
-    factory.run([factory.QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k",
+    run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k",
                  path, "64M"])
-    factory.run([factory.QEMU_IO, "-f", "qcow2", "-c", "write -P 0x44 0 12M", path])
+    run([QEMU_IO, "-f", "qcow2", "-c", "write -P 0x44 0 12M", path])
     with open(path, "rb") as f:
         h = f.read(64)
         f.seek(struct.unpack(">Q", h[48:56])[0])
@@ -333,4 +297,4 @@ def test_cut_before_a_refcount_block_maps_and_converts_as_qemu(refblock_base, tm
     assert qemu_convert(path, qraw)
     capsysbinary.readouterr()
     assert cli_main(["convert", "-O", "raw", str(path), str(kraw)]) == 0, capsysbinary.readouterr()
-    assert same_files(kraw, qraw)
+    assert same_file(kraw, qraw)
