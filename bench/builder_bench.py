@@ -6,13 +6,15 @@
 
 Writes a raw file of --size (pseudo-random clusters, every 8th cluster all zeros) in a fresh
 temporary directory (under --workdir if given, removed unless --keep), then, --repeat times,
-alternating the order: `qcow2kit.builder.build_from_raw` in a child Python process,
-`qemu-img convert -O qcow2` of the same file (its defaults: zero detection, cache=unsafe: no
-flush at all) and the same with `-t writeback` (one flush at the end), each to a new image;
-`sync` before each run; wall time from start to exit of the child.  The builder fsyncs between
-its ordered steps (see qcow2kit/builder.py).  Then `qemu-img check` of the three
-images (must exit 0) and `qemu-img compare` of each with the raw file (must be equal), and prints
-the medians and the ratio builder/qemu-img.
+alternating the order, each to a new file: `qcow2kit.builder.build_from_raw` in a child Python
+process with cache="unsafe" (no fsync, the order of the writes kept) and `qemu-img convert -O
+qcow2` of the same file (its defaults: zero detection, cache=unsafe: no flush at all); the
+builder with cache="writeback" (an fsync after each ordered step) and `qemu-img convert -t
+writeback`; and `dd bs=8M` of the raw file (the floor: the same bytes read and written, no
+metadata, no zero detection).  `sync` before each run; wall time from start to exit of the
+child.  Then `qemu-img check` of the four images (must exit 0) and `qemu-img compare` of each
+with the raw file (must be equal), and prints the medians and the ratios builder/qemu-img at
+the same cache mode.
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ def make_raw(path: Path, size: int) -> None:
             f.write(w.tobytes()[:size - off])
 
 
+def _builder(out: Path, raw: Path, cache: str) -> list[str]:
+    return [sys.executable, "-c",
+            "import sys; from qcow2kit.builder import build_from_raw; "
+            "build_from_raw(sys.argv[1], sys.argv[2], cache=sys.argv[3])", str(out), str(raw), cache]
+
+
 def timed(cmd: list[str]) -> float:
     subprocess.run(["sync"], check=True)
     t0 = time.perf_counter()
@@ -70,25 +78,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         raw = d / "src.raw"
         make_raw(raw, size)
-        ours, qemu = d / "builder.qcow2", d / "qemu.qcow2"
-        build = [sys.executable, "-c",
-                 "import sys; from qcow2kit.builder import build_from_raw; "
-                 "build_from_raw(sys.argv[1], sys.argv[2])", str(ours), str(raw)]
-        conv = ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qemu)]
-        qemu_wb = d / "qemu-writeback.qcow2"
-        conv_wb = ["qemu-img", "convert", "-t", "writeback", "-f", "raw", "-O", "qcow2", str(raw),
-                   str(qemu_wb)]
-        times: dict[str, list[float]] = {"builder": [], "qemu-img convert": [],
-                                         "qemu-img convert -t writeback": []}
+        runs_spec = {
+            # name: (command, output file)
+            "builder -t unsafe": (_builder(d / "builder-unsafe.qcow2", raw, "unsafe"),
+                                  d / "builder-unsafe.qcow2"),
+            "qemu-img convert": (["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
+                                  str(d / "qemu.qcow2")], d / "qemu.qcow2"),
+            "builder -t writeback": (_builder(d / "builder-wb.qcow2", raw, "writeback"),
+                                     d / "builder-wb.qcow2"),
+            "qemu-img convert -t writeback": (["qemu-img", "convert", "-t", "writeback", "-f", "raw",
+                                               "-O", "qcow2", str(raw), str(d / "qemu-wb.qcow2")],
+                                              d / "qemu-wb.qcow2"),
+            "dd (read + write, the floor)": (["dd", f"if={raw}", f"of={d / 'copy.raw'}", "bs=8M",
+                                              "status=none"], d / "copy.raw"),
+        }
+        times: dict[str, list[float]] = {k: [] for k in runs_spec}
+        names = list(runs_spec)
         for r in range(args.repeat):
-            pair = [("builder", build, ours), ("qemu-img convert", conv, qemu),
-                    ("qemu-img convert -t writeback", conv_wb, qemu_wb)]
-            for name, cmd, out in (pair if r % 2 == 0 else pair[::-1]):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                cmd, out = runs_spec[name]
                 out.unlink(missing_ok=True)
                 times[name].append(timed(cmd))
         checks = {}
-        for name, img in (("builder", ours), ("qemu-img convert", qemu),
-                          ("qemu-img convert -t writeback", qemu_wb)):
+        for name, (_, img) in runs_spec.items():
+            if name.startswith("dd"):
+                continue
             chk = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True)
             cmp = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(img),
                                   str(raw)], capture_output=True, text=True)
@@ -96,16 +110,17 @@ def main(argv: list[str] | None = None) -> int:
                             "check": chk.stdout.strip().splitlines()[-2:],
                             "file_bytes": img.stat().st_size}
         med = {k: statistics.median(v) for k, v in times.items()}
-        ratio = med["builder"] / med["qemu-img convert"]
-        ratio_wb = med["builder"] / med["qemu-img convert -t writeback"]
+        ratio = med["builder -t unsafe"] / med["qemu-img convert"]
+        ratio_wb = med["builder -t writeback"] / med["qemu-img convert -t writeback"]
         print(f"raw file: {size} bytes, 64 KiB clusters, 1/8 of them zero; {args.repeat} runs each")
         for k in times:
-            print(f"{k:30} median {med[k]:7.2f} s  runs {', '.join(f'{t:.2f}' for t in times[k])}"
-                  f"  check exit {checks[k]['check_exit']}, compare exit {checks[k]['compare_exit']}"
-                  f"  {checks[k]['check'][0] if checks[k]['check'] else ''}")
-        print(f"ratio builder / qemu-img convert: {ratio:.2f}x (its default cache=unsafe never "
-              f"flushes); builder / qemu-img convert -t writeback (flushes once at the end): "
-              f"{ratio_wb:.2f}x")
+            c = checks.get(k)
+            verdict = (f"  check exit {c['check_exit']}, compare exit {c['compare_exit']}"
+                       f"  {c['check'][0] if c['check'] else ''}") if c else ""
+            print(f"{k:32} median {med[k]:7.2f} s  runs {', '.join(f'{t:.2f}' for t in times[k])}"
+                  + verdict)
+        print(f"builder / qemu-img convert, both cache=unsafe (no flush): {ratio:.2f}x; "
+              f"both cache=writeback (flushed): {ratio_wb:.2f}x")
         if args.json:
             Path(args.json).write_text(json.dumps({
                 "size": size, "times": times, "median": med, "ratio": ratio, "ratio_writeback": ratio_wb,
