@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from construct import (
     Bytes,
@@ -32,6 +32,7 @@ from construct import (
 )
 
 from .. import spec
+from . import Field, field_offsets
 
 #: The fields common to versions 2 and 3 (bytes 0..71).
 HeaderV2 = Struct(
@@ -139,28 +140,12 @@ ExtensionFrame = Struct(
 # --------------------------------------------------------------------------- field offsets
 
 
-class HeaderField(NamedTuple):
-    """Where a header field lives: byte offset, size and its construct declaration."""
-
-    name: str
-    offset: int
-    size: int
-    subcon: Construct
-
-
-def _field_table(struct: Struct) -> dict[str, HeaderField]:
-    out: dict[str, HeaderField] = {}
-    pos = 0
-    for sc in struct.subcons:
-        size = sc.sizeof()
-        if sc.name:
-            out[sc.name] = HeaderField(sc.name, pos, size, sc)
-        pos += size
-    return out
+#: Where a header field lives: byte offset, size and its construct declaration.
+HeaderField = Field
 
 
 #: Every header field by spec name, with its offset computed from :data:`HeaderV3`.
-HEADER_FIELDS: Mapping[str, HeaderField] = _field_table(HeaderV3)
+HEADER_FIELDS: Mapping[str, HeaderField] = field_offsets(HeaderV3)
 
 #: Bytes of the version 2 header and of the fixed version 3 header.
 V2_HEADER_LENGTH = HeaderV2.sizeof()          # 72

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import InvalidHeaderError
 from . import parse
@@ -66,17 +67,30 @@ def _align8(n: int) -> int:
     return (n + 7) & ~7
 
 
+def decode_snapshot_header(raw: bytes, pos: int = 0, *, offset: int = 0,
+                           index: int = 0) -> Any:
+    """The fixed part of the entry at ``raw[pos:]`` (a construct Container of
+    :data:`SnapshotHeader`'s fields); ``offset`` is where ``raw`` starts in the file."""
+    what = f"snapshot table entry {index}"
+    if pos + SNAPSHOT_HEADER_SIZE > len(raw):
+        raise InvalidHeaderError(f"{what} is cut short", field=what, offset=offset + pos)
+    return parse(SnapshotHeader, raw[pos:pos + SNAPSHOT_HEADER_SIZE], what=what,
+                 offset=offset + pos)
+
+
+def snapshot_entry_length(h: Any) -> int:
+    """Bytes of the entry whose fixed part is ``h``, before the padding to 8."""
+    return SNAPSHOT_HEADER_SIZE + h.extra_data_size + h.id_str_size + h.name_size
+
+
 def decode_snapshot_entry(raw: bytes, pos: int = 0, *, offset: int = 0,
                           index: int = 0) -> tuple[SnapshotEntry, int]:
     """The entry at ``raw[pos:]`` (``offset`` is where ``raw`` starts in the file) and the
     position of the next entry (8-byte aligned)."""
     what = f"snapshot table entry {index}"
-    if pos + SNAPSHOT_HEADER_SIZE > len(raw):
-        raise InvalidHeaderError(f"{what} is cut short", field=what, offset=offset + pos)
-    h = parse(SnapshotHeader, raw[pos:pos + SNAPSHOT_HEADER_SIZE], what=what,
-              offset=offset + pos)
+    h = decode_snapshot_header(raw, pos, offset=offset, index=index)
     p = pos + SNAPSHOT_HEADER_SIZE
-    end = p + h.extra_data_size + h.id_str_size + h.name_size
+    end = pos + snapshot_entry_length(h)
     if end > len(raw):
         raise InvalidHeaderError(f"{what} runs past the end of the table", field=what,
                                  offset=offset + pos)
@@ -120,8 +134,10 @@ __all__ = [
     "SNAPSHOT_HEADER_SIZE",
     "SnapshotEntry",
     "decode_snapshot_entry",
+    "decode_snapshot_header",
     "decode_snapshot_table",
     "encode_snapshot_entry",
     "encode_snapshot_table",
+    "snapshot_entry_length",
     "snapshot_extra",
 ]
