@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
+
+_E = TypeVar("_E", bound="Qcow2Error")
 
 
 class Qcow2Error(Exception):
@@ -29,7 +31,7 @@ class Qcow2Error(Exception):
         self.offset = offset
         self.path = path
 
-    def locate(self, path: str) -> "Qcow2Error":
+    def locate(self: _E, path: str) -> _E:
         """Name the file the error is about: ``path`` is set and leads the message.
 
         The one place a path enters an error (see :func:`located`); an error that

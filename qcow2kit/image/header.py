@@ -127,13 +127,13 @@ def read_header(src: ByteSource) -> Header:
     """Decode and validate the header and its extensions (no tables are read)."""
     if src.size < spec.V2_HEADER_SIZE:
         if src.size >= 4 and src.read_at(0, 4) != spec.QCOW_MAGIC or src.size < 4:
-            raise NotQcow2Error(f"not a qcow2 image", field="magic",
+            raise NotQcow2Error("not a qcow2 image", field="magic",
                                 offset=H.field_offset("magic"))
         raise NotQcow2Error(f"file of {src.size} bytes is too short for a qcow2 header",
                             field="header", offset=0)
     raw = src.read_at(0, spec.V2_HEADER_SIZE, field="header")
     if raw[:4] != spec.QCOW_MAGIC:
-        raise NotQcow2Error(f"not a qcow2 image", field="magic",
+        raise NotQcow2Error("not a qcow2 image", field="magic",
                             offset=H.field_offset("magic"))
     h2 = parse(H.HeaderV2, raw, what="header", offset=0)
     if h2.version not in (2, 3):
