@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InvalidHeaderError
-from . import parse
+from . import field_offsets, parse
 from .header import SnapshotExtra, SnapshotHeader
 
 SNAPSHOT_HEADER_SIZE = SnapshotHeader.sizeof()     # 40
+_EXTRA_FIELDS = field_offsets(SnapshotExtra)
 
 
 @dataclass
@@ -36,24 +37,26 @@ class SnapshotEntry:
     id_str: bytes
     name: bytes
 
-    def _extra(self, index: int) -> int | None:
-        end = 8 * (index + 1)
-        if len(self.extra_data) < end:
+    def _extra(self, name: str) -> int | None:
+        """Field ``name`` of :data:`SnapshotExtra`, or None when the extra data is shorter."""
+        f = _EXTRA_FIELDS[name]
+        if len(self.extra_data) < f.offset + f.size:
             return None
-        return int.from_bytes(self.extra_data[end - 8:end], "big")
+        return int(parse(f.subcon, self.extra_data[f.offset:f.offset + f.size],
+                         what=f"snapshot extra data {name}", offset=f.offset))
 
     @property
     def vm_state_size_large(self) -> int | None:
         """The 64-bit VM state size of the extra data (None when the extra data is shorter)."""
-        return self._extra(0)
+        return self._extra("vm_state_size_large")
 
     @property
     def disk_size(self) -> int | None:
-        return self._extra(1)
+        return self._extra("disk_size")
 
     @property
     def icount(self) -> int | None:
-        return self._extra(2)
+        return self._extra("icount")
 
 
 def snapshot_extra(vm_state_size_large: int, disk_size: int, icount: int | None = None) -> bytes:
