@@ -9,7 +9,11 @@ message can point a person at the exact bytes.
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+_E = TypeVar("_E", bound="Qcow2Error")
 
 
 class Qcow2Error(Exception):
@@ -27,6 +31,18 @@ class Qcow2Error(Exception):
         self.offset = offset
         self.path = path
 
+    def locate(self: _E, path: str) -> _E:
+        """Name the file the error is about: ``path`` is set and leads the message.
+
+        The one place a path enters an error (see :func:`located`); an error that
+        already names its file (one about a backing file, say) keeps it.
+        """
+        if self.path is None:
+            self.path = path
+            self.message = f"{path}: {self.message}"
+            self.args = (self.message, *self.args[1:])
+        return self
+
     def __str__(self) -> str:
         where = []
         if self.field is not None:
@@ -36,6 +52,21 @@ class Qcow2Error(Exception):
         if where:
             return f"{self.message} ({' '.join(where)})"
         return self.message
+
+
+@contextmanager
+def located(path: str) -> Iterator[None]:
+    """Errors raised inside name ``path`` (:meth:`Qcow2Error.locate`) unless they name a file.
+
+    Decoders and validators (``qcow2kit.layout``, the rooms of ``qcow2kit.image``)
+    raise errors with field and offset only; the image front that read the bytes
+    wraps them in this, once.
+    """
+    try:
+        yield
+    except Qcow2Error as exc:
+        exc.locate(path)
+        raise
 
 
 class NotQcow2Error(Qcow2Error):

@@ -14,6 +14,7 @@ from typing import Any
 from . import spec
 from .errors import InvalidHeaderError
 from .image import Image, RawImage
+from .layout import header as H
 
 
 def _actual_size(path: str) -> int | None:
@@ -41,8 +42,9 @@ def encrypt_info(img: Image) -> dict[str, Any]:
 
     ext = img.header.crypto_ext
     if ext is None:  # read_header refuses this already; kept for direct callers
-        raise InvalidHeaderError(f"{img.filename}: LUKS image without an encryption header",
-                                 field="crypt_method", offset=32, path=img.filename)
+        raise InvalidHeaderError("LUKS image without an encryption header",
+                                 field="crypt_method",
+                                 offset=H.field_offset("crypt_method")).locate(img.filename)
     raw = img.src.read_at(ext["offset"], ext["length"], field="LUKS header")
     return luks_info(raw)
 

@@ -7,12 +7,16 @@ bytes, and decodes the bytes and expects those values.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from qemu import hexbytes
 from qcow2kit import spec
 from qcow2kit import tables as T
+from qcow2kit.errors import CorruptImageError, InvalidHeaderError, located
+from qcow2kit.layout import parse
 from qcow2kit.layout import bitmaps as B
 from qcow2kit.layout import header as H
+from qcow2kit.layout import rmap as R
 from qcow2kit.layout import snapshots as S
 
 
@@ -314,3 +318,84 @@ def test_bitmap_directory_entry():
                          name=b"bm0")
     assert B.encode_bitmap_directory([e, e]) == BITMAP_ENTRY + BITMAP_ENTRY
     assert B.decode_bitmap_directory(BITMAP_ENTRY * 2, 2) == ([e, e], 64)
+
+
+# ------------------------------------------------------------------------------- reverse map
+# docs/rmap-extension.md: the extension is big-endian, the map data little-endian
+
+RMAP_EXTENSION = hexbytes(
+    "00000001",           # 0  rmap_version 1
+    "00000001",           # 4  rmap_flags: bit 0, the map describes the external data file
+    "0000000000300000",   # 8  rmap_offset 3 MiB
+    "0000000000000068",   # 16 rmap_length 104
+    "0000000000000003",   # 24 rmap_nb_records 3
+    "0000000000030000",   # 32 rmap_l1_table_offset
+    "deadbeef",           # 40 rmap_l1_crc32
+    "01020304",           # 44 rmap_data_crc32
+)
+
+
+def test_rmap_extension():
+    e = R.RmapExtensionData(version=1, flags=R.FLAG_DATA_FILE, offset=3 << 20, length=104,
+                            nb_records=3, l1_table_offset=0x30000, l1_crc32=0xDEADBEEF,
+                            data_crc32=0x01020304)
+    assert R.encode_rmap_extension(e) == RMAP_EXTENSION
+    assert R.decode_rmap_extension(RMAP_EXTENSION) == e
+    # framed as a header extension: type "RMAP", length 48, no padding needed
+    assert H.encode_extension(R.EXT_RMAP, RMAP_EXTENSION)[:8] == hexbytes(
+        "524d4150",       # type "RMAP"
+        "00000030",       # length 48
+    )
+
+
+RMAP_DATA_HEADER = hexbytes(
+    "514b524d41500001",   # 0  magic "QKRMAP\0\1"
+    "10",                 # 8  cluster_bits 16
+    "0b",                 # 9  unit_bits 11: 2 KiB units (subclusters of extended L2)
+    "01",                 # 10 hw: host gap in 1 byte
+    "02",                 # 11 gw: guest unit in 2 bytes
+    "03",                 # 12 cw: count in 3 bytes
+    "000000",             # 13 reserved
+    "0500000000000000",   # 16 nb_data_records 5 (little-endian)
+    "0200000000000000",   # 24 nb_compressed_records 2
+    "0000100000000000",   # 32 file_size_before 0x100000 (1 MiB)
+)
+
+
+def test_rmap_data_header():
+    h = R.RmapDataHeaderFields(cluster_bits=16, unit_bits=11, host_width=1, guest_width=2,
+                               count_width=3, nb_data_records=5, nb_compressed_records=2,
+                               file_size_before=1 << 20)
+    assert R.encode_rmap_data_header(h) == RMAP_DATA_HEADER
+    assert R.decode_rmap_data_header(RMAP_DATA_HEADER) == h
+    assert h.widths == (1, 2, 3)
+    # anything else at the map's offset is not a map
+    assert R.decode_rmap_data_header(bytes(40)) is None
+
+
+# ------------------------------------------------------------------------------- the error funnel
+
+
+def test_parse_refuses_short_input_naming_field_and_offset():
+    with pytest.raises(InvalidHeaderError) as ei:
+        parse(H.SnapshotHeader, SNAPSHOT_ENTRY[:39], what="snapshot table entry 0", offset=0x5000)
+    assert (ei.value.field, ei.value.offset, ei.value.path) == ("snapshot table entry 0", 0x5000,
+                                                                 None)
+    assert "cut short (39 of 40 bytes)" in str(ei.value)
+    with pytest.raises(CorruptImageError) as ei2:
+        B.decode_bitmap_directory(BITMAP_ENTRY[:20], 1, offset=0x9000)
+    assert (ei2.value.field, ei2.value.offset) == ("bitmap directory entry 0", 0x9000)
+    with pytest.raises(InvalidHeaderError) as ei3:   # a construct failure: the magic
+        parse(H.HeaderV2, b"QFI\xfa" + V3_ZSTD_HEADER[4:], what="header", offset=0)
+    assert (ei3.value.field, ei3.value.offset) == ("header", 0)
+
+
+def test_the_path_is_added_once():
+    exc = InvalidHeaderError("bad l1_size", field="l1_size", offset=36)
+    with pytest.raises(InvalidHeaderError) as ei:
+        with located("/img/a.qcow2"):
+            with located("/img/b.qcow2"):   # the innermost file is the one the error is about
+                raise exc
+    assert ei.value is exc and exc.path == "/img/b.qcow2"
+    assert str(exc) == "/img/b.qcow2: bad l1_size (l1_size at offset 0x24)"
+    assert exc.args == ("/img/b.qcow2: bad l1_size",)

@@ -15,6 +15,7 @@ from qcow2kit import tables as T
 from qcow2kit.image import Image
 from qcow2kit.layout import bitmaps as B
 from qcow2kit.layout import header as H
+from qcow2kit.layout import rmap as R
 from qcow2kit.layout import snapshots as S
 
 u8 = st.integers(0, (1 << 8) - 1)
@@ -363,6 +364,8 @@ def test_every_factory_structure_reencodes_to_its_bytes(factory_images):
                                                           offset=h.snapshots_offset)
                 assert S.encode_snapshot_table(entries) == region[:length]
                 assert [e.name.decode() for e in entries] == [s.name for s in img.snapshots]
+                assert [(e.l1_table_offset, e.extra_data) for e in entries] == \
+                    [(s.l1_table_offset, s.extra_data) for s in img.snapshots]
                 checked["snapshots"] += 1
             # bitmap directory
             if h.bitmaps_ext:
@@ -373,6 +376,32 @@ def test_every_factory_structure_reencodes_to_its_bytes(factory_images):
                 assert length == len(region)
                 assert B.encode_bitmap_directory(entries_b) == region
                 assert [e.name.decode() for e in entries_b] == [b.name for b in img.bitmaps]
+                assert [(e.bitmap_table_offset, e.flags, e.granularity_bits) for e in entries_b] \
+                    == [(b.bitmap_table_offset, b.flags, b.granularity_bits) for b in img.bitmaps]
                 checked["bitmaps"] += 1
     # the factory has all of these; a silent skip would prove nothing
     assert all(checked.values()), checked
+
+
+# ------------------------------------------------------------------------------- reverse map
+
+rmap_extensions = st.builds(R.RmapExtensionData, u32, u32, u64, u64, u64, u64, u32, u32)
+rmap_data_headers = st.builds(R.RmapDataHeaderFields, u8, u8, u8, u8, u8, u64, u64, u64,
+                              st.binary(min_size=3, max_size=3))
+
+
+@SETTINGS
+@given(rmap_extensions)
+def test_rmap_extension_decode_encode(e):
+    raw = R.encode_rmap_extension(e)
+    assert len(raw) == R.EXT_LENGTH
+    assert R.decode_rmap_extension(raw) == e
+    assert R.encode_rmap_extension(R.decode_rmap_extension(raw)) == raw
+
+
+@SETTINGS
+@given(rmap_data_headers)
+def test_rmap_data_header_decode_encode(h):
+    raw = R.encode_rmap_data_header(h)
+    assert len(raw) == R.DATA_HEADER and raw.startswith(R.DATA_MAGIC)
+    assert R.decode_rmap_data_header(raw) == h

@@ -581,7 +581,7 @@ def test_corruption_is_refused(make, case: Case):
     if case.match:
         assert ei.match(case.match)
     # the message names the file, and str() names field and offset
-    assert exc.path is None or Path(exc.path).name in str(exc)
+    assert exc.path is not None and Path(exc.path).name in str(exc)
     if exc.field is not None:
         assert exc.field in str(exc) and f"{offset:#x}" in str(exc)
 

@@ -13,7 +13,7 @@ import argparse
 import sys
 import textwrap
 
-from .args import EXIT_ERROR, EXIT_OK, help_formatter
+from .args import EXIT_OK, help_formatter
 from .render.output import emit, error
 
 
@@ -62,7 +62,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``create``; prints and returns the exit status (errors are not raised)."""
+    """Run ``create``.  Errors are raised to :func:`qcow2kit.cli.main.main`, the one funnel
+    that prints them (``qcow2kit: <message>``, exit status 1)."""
     from .. import create as C
 
     try:
@@ -92,21 +93,5 @@ def run(args: argparse.Namespace) -> int:
         if exc.formatting is not None and not args.quiet:
             # qemu-img prints the Formatting line before it finds these errors
             emit(exc.formatting + "\n")
-        error(exc.message)
-        return EXIT_ERROR
-    except OSError as exc:
-        error(_describe(exc))
-        return EXIT_ERROR
-    except Exception as exc:  # other qcow2kit errors (a locked image, an unreadable backing)
-        from ..errors import Qcow2Error
-        if not isinstance(exc, Qcow2Error) or getattr(args, "debug", False):
-            raise
-        error(str(exc))
-        return EXIT_ERROR
+        raise
     return EXIT_OK
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.filename is not None:
-        return f"{exc.filename}: {exc.strerror or exc}"
-    return str(exc)

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from .. import spec
 from ..errors import CorruptImageError
-from ..layout import header as H
-from ..layout import parse
+from ..layout import bitmaps as B
+from ..layout import offset_of
+from ..layout.header import BitmapDirEntryHeader
 from ..source import ByteSource
 from .header import Header, _align_up
 
@@ -38,8 +39,10 @@ class Bitmap:
         return bool(self.flags & spec.BME_FLAG_AUTO)
 
 
-def read_bitmaps(src: ByteSource, hdr: Header, path: str) -> list[Bitmap]:
-    """The persistent bitmaps of the bitmap directory (empty when the autoclear bit is off)."""
+def read_bitmaps(src: ByteSource, hdr: Header) -> list[Bitmap]:
+    """The persistent bitmaps of the bitmap directory (empty when the autoclear bit is off);
+    entries decoded by :mod:`qcow2kit.layout.bitmaps`, errors without a path (the image
+    front adds it)."""
     ext = hdr.bitmaps_ext
     if ext is None:
         return []
@@ -50,34 +53,29 @@ def read_bitmaps(src: ByteSource, hdr: Header, path: str) -> list[Bitmap]:
     pos = 0
     for i in range(ext["nb_bitmaps"]):
         pos = _align_up(pos, 8)
-        if pos + spec.BITMAP_DIR_ENTRY_FIXED > size:
-            raise CorruptImageError(f"{path}: bitmap directory entry {i} runs past the "
-                                    f"directory size {size}", field="bitmap_directory_size",
-                                    offset=base + pos, path=path)
-        e = parse(H.BitmapDirEntryHeader, raw[pos:pos + spec.BITMAP_DIR_ENTRY_FIXED],
-                  what=f"bitmap directory entry {i}", offset=base + pos)
-        end = pos + spec.BITMAP_DIR_ENTRY_FIXED + e.extra_data_size + e.name_size
-        if e.name_size > spec.MAX_BITMAP_NAME_SIZE:
-            raise CorruptImageError(f"{path}: bitmap {i} name of {e.name_size} bytes is too "
-                                    f"long", field="name_size", offset=base + pos + 18,
-                                    path=path)
-        if end > size:
-            raise CorruptImageError(f"{path}: bitmap directory entry {i} runs past the "
-                                    f"directory size {size}", field="bitmap_directory_size",
-                                    offset=base + pos, path=path)
-        if not (spec.MIN_BITMAP_GRANULARITY_BITS <= e.granularity_bits
+        if pos + B.BITMAP_DIR_ENTRY_FIXED > size:
+            raise CorruptImageError(f"bitmap directory entry {i} runs past the directory size "
+                                    f"{size}", field="bitmap_directory_size", offset=base + pos)
+        h = B.decode_bitmap_dir_entry_header(raw, pos, offset=base, index=i)
+        if h.name_size > spec.MAX_BITMAP_NAME_SIZE:
+            raise CorruptImageError(f"bitmap {i} name of {h.name_size} bytes is too long",
+                                    field="name_size",
+                                    offset=base + pos + offset_of(BitmapDirEntryHeader,
+                                                                  "name_size"))
+        if pos + B.bitmap_dir_entry_length(h) > size:
+            raise CorruptImageError(f"bitmap directory entry {i} runs past the directory size "
+                                    f"{size}", field="bitmap_directory_size", offset=base + pos)
+        if not (spec.MIN_BITMAP_GRANULARITY_BITS <= h.granularity_bits
                 <= spec.MAX_BITMAP_GRANULARITY_BITS):
-            raise CorruptImageError(f"{path}: bitmap {i} granularity_bits "
-                                    f"{e.granularity_bits} out of range 9..31",
-                                    field="granularity_bits", offset=base + pos + 17,
-                                    path=path)
-        x0 = pos + spec.BITMAP_DIR_ENTRY_FIXED
-        extra = raw[x0:x0 + e.extra_data_size]
-        name = raw[x0 + e.extra_data_size:end]
-        out.append(Bitmap(name=name.decode("utf-8", "replace"),
+            raise CorruptImageError(f"bitmap {i} granularity_bits {h.granularity_bits} out of "
+                                    f"range 9..31", field="granularity_bits",
+                                    offset=base + pos + offset_of(BitmapDirEntryHeader,
+                                                                  "granularity_bits"))
+        e, end = B.decode_bitmap_dir_entry(raw, pos, offset=base, index=i)
+        out.append(Bitmap(name=e.name.decode("utf-8", "replace"),
                           bitmap_table_offset=e.bitmap_table_offset,
                           bitmap_table_size=e.bitmap_table_size, flags=e.flags, type=e.type,
-                          granularity_bits=e.granularity_bits, extra_data=extra,
+                          granularity_bits=e.granularity_bits, extra_data=e.extra_data,
                           entry_offset=base + pos))
         pos = end
     return out

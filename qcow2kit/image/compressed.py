@@ -14,8 +14,8 @@ from ..source import ByteSource
 CACHED_CLUSTERS = 8
 
 
-def inflate(src: ByteSource, coffset: int, csize: int, cluster_size: int, compression_type: int,
-            path: str) -> bytes:
+def inflate(src: ByteSource, coffset: int, csize: int, cluster_size: int,
+            compression_type: int) -> bytes:
     """The cluster stored compressed at ``coffset`` (``csize`` bytes) of ``src``; thread-safe."""
     # The sector-rounded length may run past EOF: QEMU reads that tail as zeros.
     comp = src.read_padded(coffset, csize, field="compressed cluster")
@@ -29,11 +29,11 @@ def inflate(src: ByteSource, coffset: int, csize: int, cluster_size: int, compre
     except (zlib.error, Exception) as exc:
         if isinstance(exc, Qcow2Error):
             raise
-        raise CorruptImageError(f"{path}: compressed cluster does not decompress: {exc}",
-                                field="compressed data", offset=coffset, path=path) from exc
+        raise CorruptImageError(f"compressed cluster does not decompress: {exc}",
+                                field="compressed data", offset=coffset) from exc
     if len(out) != cs:
-        raise CorruptImageError(f"{path}: compressed cluster decompresses to {len(out)} bytes, "
-                                f"not {cs}", field="compressed data", offset=coffset, path=path)
+        raise CorruptImageError(f"compressed cluster decompresses to {len(out)} bytes, "
+                                f"not {cs}", field="compressed data", offset=coffset)
     return out
 
 

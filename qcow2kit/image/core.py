@@ -19,7 +19,8 @@ import numpy as np
 
 from .. import spec
 from .. import tables as T
-from ..errors import UnsupportedFeatureError
+from ..errors import UnsupportedFeatureError, located
+from ..layout import header as H
 from ..source import ByteSource, SourceKind, closed_error, open_source
 from . import compressed
 from .bitmaps import Bitmap, read_bitmaps
@@ -47,7 +48,8 @@ class Image:
                  _chain: tuple[str, ...] = ()) -> None:
         self.src = src
         self.filename = filename if filename is not None else src.path
-        self.header = read_header(src)
+        with located(self.filename):
+            self.header = read_header(src)
         self.size = self.header.size
         self.cluster_bits = self.header.cluster_bits
         self.cluster_size = self.header.cluster_size
@@ -205,13 +207,15 @@ class Image:
     def snapshots(self) -> list[Snapshot]:
         """The internal snapshots, in table order."""
         self._check_open()
-        return read_snapshots(self.src, self.header, self.filename)
+        with located(self.filename):
+            return read_snapshots(self.src, self.header)
 
     @cached_property
     def bitmaps(self) -> list[Bitmap]:
         """The persistent bitmaps of the bitmap directory (empty when the autoclear bit is off)."""
         self._check_open()
-        return read_bitmaps(self.src, self.header, self.filename)
+        with located(self.filename):
+            return read_bitmaps(self.src, self.header)
 
     def refcount_blocks(self, end_cluster: int | None = None
                         ) -> Iterator[tuple[int, bytes, int]]:
@@ -222,7 +226,11 @@ class Image:
         the file) before they are read.
         """
         self._check_open()
-        return refcount_blocks(self.src, self.header, self.filename, end_cluster)
+        return self._refcount_blocks(end_cluster)
+
+    def _refcount_blocks(self, end_cluster: int | None) -> Iterator[tuple[int, bytes, int]]:
+        with located(self.filename):
+            yield from refcount_blocks(self.src, self.header, end_cluster)
 
     # -- L1 / L2 -------------------------------------------------------------
 
@@ -328,15 +336,17 @@ class Image:
     def inflate(self, coffset: int, csize: int) -> bytes:
         """The cluster stored compressed at ``coffset`` (``csize`` bytes); no cache, thread-safe."""
         self._check_open()
-        return compressed.inflate(self.src, coffset, csize, self.cluster_size,
-                                  self.header.compression_type, self.filename)
+        with located(self.filename):
+            return compressed.inflate(self.src, coffset, csize, self.cluster_size,
+                                      self.header.compression_type)
 
     def _check_readable(self) -> None:
         if self.encrypted:
             method = "LUKS" if self.header.crypt_method == spec.CRYPT_LUKS else "AES"
-            raise UnsupportedFeatureError(f"{self.filename}: image is encrypted ({method}); "
-                                          f"reading encrypted data is not supported",
-                                          field="crypt_method", offset=32, path=self.filename)
+            raise UnsupportedFeatureError(f"image is encrypted ({method}); reading encrypted "
+                                          f"data is not supported", field="crypt_method",
+                                          offset=H.field_offset("crypt_method")
+                                          ).locate(self.filename)
 
     def readinto(self, offset: int, buf: memoryview | bytearray) -> None:
         """Fill ``buf`` with guest data from ``offset``; the range must lie within the virtual size."""

@@ -111,10 +111,10 @@ class L2Reader:
     # -- reading -------------------------------------------------------------
 
     def _misaligned(self, l1_index: int, l2_off: int) -> CorruptImageError:
-        return CorruptImageError(f"{self.filename}: L2 table offset {l2_off:#x} is not cluster "
-                                 f"aligned (L1 index {l1_index})", field="l1_table_offset",
-                                 offset=self.header.l1_table_offset + 8 * l1_index,
-                                 path=self.filename)
+        return CorruptImageError(f"L2 table offset {l2_off:#x} is not cluster aligned (L1 "
+                                 f"index {l1_index})", field="l1_table_offset",
+                                 offset=self.header.l1_table_offset + 8 * l1_index
+                                 ).locate(self.filename)
 
     def _split(self, words: np.ndarray) -> Table:
         if self.geometry.extended:
@@ -198,8 +198,8 @@ class L2Reader:
         entry = (int(self.l1[l1_index]) & spec.L1E_OFFSET_MASK) + l2_index * geo.entry_size
         if fld == "l2 bitmap":
             entry += 8
-        return CorruptImageError(f"{self.filename}: {what} (L1 index {l1_index}, L2 index "
-                                 f"{l2_index})", field=fld, offset=entry, path=self.filename)
+        return CorruptImageError(f"{what} (L1 index {l1_index}, L2 index {l2_index})",
+                                 field=fld, offset=entry).locate(self.filename)
 
     def check_units(self, l1_index: int, c0: int, entries: np.ndarray, units: T.L2Units) -> None:
         """Refuse L2 entries QEMU refuses (``qcow2_get_host_offset`` and friends).

@@ -13,7 +13,7 @@ from ..source import ByteSource
 from .header import Header
 
 
-def refcount_blocks(src: ByteSource, h: Header, path: str, end_cluster: int | None = None
+def refcount_blocks(src: ByteSource, h: Header, end_cluster: int | None = None
                     ) -> Iterator[tuple[int, bytes, int]]:
     """Refcount blocks as ``(first cluster, raw entries, number of entries)``.
 
@@ -31,9 +31,9 @@ def refcount_blocks(src: ByteSource, h: Header, path: str, end_cluster: int | No
     for i in np.flatnonzero(table & np.uint64(spec.REFT_OFFSET_MASK)).tolist():
         block_off = int(table[i]) & spec.REFT_OFFSET_MASK
         if block_off % cs or block_off + cs > src.size:
-            raise CorruptImageError(f"{path}: refcount block offset {block_off:#x} is invalid "
+            raise CorruptImageError(f"refcount block offset {block_off:#x} is invalid "
                                     f"(refcount table index {i})", field="refcount table entry",
-                                    offset=h.refcount_table_offset + 8 * i, path=path)
+                                    offset=h.refcount_table_offset + 8 * i)
         first = i * per_block
         wanted = per_block if end_cluster is None else min(per_block, end_cluster - first)
         raw = src.read_at(block_off, -(-wanted * h.refcount_bits // 8), field="refcount block")

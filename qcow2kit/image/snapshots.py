@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import spec
-from ..layout import header as H
-from ..layout import parse
+from ..layout import offset_of
+from ..layout import snapshots as S
+from ..layout.header import SnapshotHeader
 from ..source import ByteSource
 from .header import Header, _align_up, _bad
 
@@ -29,44 +30,43 @@ class Snapshot:
     entry_offset: int
 
 
-def read_snapshots(src: ByteSource, hdr: Header, path: str) -> list[Snapshot]:
-    """The internal snapshots, in table order."""
+def read_snapshots(src: ByteSource, hdr: Header) -> list[Snapshot]:
+    """The internal snapshots, in table order (entries decoded by :mod:`qcow2kit.layout.snapshots`;
+    errors carry no path, the image front adds it)."""
     out: list[Snapshot] = []
     off = hdr.snapshots_offset
     for i in range(hdr.nb_snapshots):
         off = _align_up(off, 8)
         if off - hdr.snapshots_offset > spec.MAX_SNAPSHOTS_SIZE:
             raise _bad(f"snapshot table exceeds QEMU's limit of {spec.MAX_SNAPSHOTS_SIZE} "
-                       f"bytes", "snapshots_offset", 64, path)
-        sh = parse(H.SnapshotHeader,
-                   src.read_at(off, spec.SNAPSHOT_HEADER_SIZE, field=f"snapshot {i}"),
-                   what=f"snapshot table entry {i}", offset=off)
+                       f"bytes", "snapshots_offset")
         entry_off = off
-        off += spec.SNAPSHOT_HEADER_SIZE
+        fixed = src.read_at(off, S.SNAPSHOT_HEADER_SIZE, field=f"snapshot {i}")
+        sh = S.decode_snapshot_header(fixed, offset=entry_off, index=i)
+        off += S.SNAPSHOT_HEADER_SIZE
         if sh.extra_data_size > spec.MAX_SNAPSHOT_EXTRA_DATA:
             raise _bad(f"snapshot table entry {i} has {sh.extra_data_size} bytes of extra "
                        f"data (QEMU's limit is {spec.MAX_SNAPSHOT_EXTRA_DATA})",
-                       "extra_data_size", entry_off + 36, path)
-        extra = src.read_at(off, sh.extra_data_size, field=f"snapshot {i} extra data")
-        off += sh.extra_data_size
-        ident = src.read_at(off, sh.id_str_size, field=f"snapshot {i} id")
-        off += sh.id_str_size
-        name = src.read_at(off, sh.name_size, field=f"snapshot {i} name")
-        off += sh.name_size
-        ex = parse(H.SnapshotExtra, extra[:24].ljust(24, b"\0"),
-                   what=f"snapshot {i} extra data", offset=entry_off + 40)
-        vm_state = ex.vm_state_size_large if len(extra) >= 8 else sh.vm_state_size
-        disk_size = ex.disk_size if len(extra) >= 16 else hdr.size
-        icount = ex.icount if len(extra) >= 24 else None
-        if sh.l1_size * 8 > spec.MAX_L1_SIZE:
-            raise _bad(f"snapshot {i} L1 table of {sh.l1_size} entries is too large",
-                       "l1_size", entry_off + 8, path)
+                       "extra_data_size", entry_off + offset_of(SnapshotHeader, "extra_data_size"))
+        parts = [fixed]
+        for size, what in ((sh.extra_data_size, "extra data"), (sh.id_str_size, "id"),
+                           (sh.name_size, "name")):
+            parts.append(src.read_at(off, size, field=f"snapshot {i} {what}"))
+            off += size
+        e, _ = S.decode_snapshot_entry(b"".join(parts), offset=entry_off, index=i)
+        if e.l1_size * 8 > spec.MAX_L1_SIZE:
+            raise _bad(f"snapshot {i} L1 table of {e.l1_size} entries is too large",
+                       "l1_size", entry_off + offset_of(SnapshotHeader, "l1_size"))
+        vm_state = e.vm_state_size_large
+        disk_size = e.disk_size
         out.append(Snapshot(
-            id=ident.decode("utf-8", "replace"), name=name.decode("utf-8", "replace"),
-            l1_table_offset=sh.l1_table_offset, l1_size=sh.l1_size, date_sec=sh.date_sec,
-            date_nsec=sh.date_nsec, vm_clock_nsec=sh.vm_clock_nsec, vm_state_size=vm_state,
-            disk_size=disk_size, icount=icount, extra_data=extra, entry_offset=entry_off))
+            id=e.id_str.decode("utf-8", "replace"), name=e.name.decode("utf-8", "replace"),
+            l1_table_offset=e.l1_table_offset, l1_size=e.l1_size, date_sec=e.date_sec,
+            date_nsec=e.date_nsec, vm_clock_nsec=e.vm_clock_nsec,
+            vm_state_size=e.vm_state_size if vm_state is None else vm_state,
+            disk_size=hdr.size if disk_size is None else disk_size, icount=e.icount,
+            extra_data=e.extra_data, entry_offset=entry_off))
     if off - hdr.snapshots_offset > spec.MAX_SNAPSHOTS_SIZE:
         raise _bad(f"snapshot table exceeds QEMU's limit of {spec.MAX_SNAPSHOTS_SIZE} bytes",
-                   "snapshots_offset", 64, path)
+                   "snapshots_offset")
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import CorruptImageError
 from . import parse
@@ -38,16 +39,29 @@ def _align8(n: int) -> int:
     return (n + 7) & ~7
 
 
+def decode_bitmap_dir_entry_header(raw: bytes, pos: int = 0, *, offset: int = 0,
+                                   index: int = 0) -> Any:
+    """The fixed part of the entry at ``raw[pos:]`` (a construct Container of
+    :data:`BitmapDirEntryHeader`'s fields); ``offset`` is where ``raw`` starts in the file."""
+    what = f"bitmap directory entry {index}"
+    if pos + BITMAP_DIR_ENTRY_FIXED > len(raw):
+        raise CorruptImageError(f"{what} is cut short", field=what, offset=offset + pos)
+    return parse(BitmapDirEntryHeader, raw[pos:pos + BITMAP_DIR_ENTRY_FIXED], what=what,
+                 offset=offset + pos, error=CorruptImageError)
+
+
+def bitmap_dir_entry_length(h: Any) -> int:
+    """Bytes of the entry whose fixed part is ``h``, before the padding to 8."""
+    return BITMAP_DIR_ENTRY_FIXED + h.extra_data_size + h.name_size
+
+
 def decode_bitmap_dir_entry(raw: bytes, pos: int = 0, *, offset: int = 0,
                             index: int = 0) -> tuple[BitmapDirEntry, int]:
     """The entry at ``raw[pos:]`` and the position of the next one (8-byte aligned)."""
     what = f"bitmap directory entry {index}"
-    if pos + BITMAP_DIR_ENTRY_FIXED > len(raw):
-        raise CorruptImageError(f"{what} is cut short", field=what, offset=offset + pos)
-    h = parse(BitmapDirEntryHeader, raw[pos:pos + BITMAP_DIR_ENTRY_FIXED], what=what,
-              offset=offset + pos, error=CorruptImageError)
+    h = decode_bitmap_dir_entry_header(raw, pos, offset=offset, index=index)
     p = pos + BITMAP_DIR_ENTRY_FIXED
-    end = p + h.extra_data_size + h.name_size
+    end = pos + bitmap_dir_entry_length(h)
     if end > len(raw):
         raise CorruptImageError(f"{what} runs past the end of the directory", field=what,
                                 offset=offset + pos)
@@ -86,7 +100,9 @@ def encode_bitmap_directory(entries: Iterable[BitmapDirEntry]) -> bytes:
 __all__ = [
     "BITMAP_DIR_ENTRY_FIXED",
     "BitmapDirEntry",
+    "bitmap_dir_entry_length",
     "decode_bitmap_dir_entry",
+    "decode_bitmap_dir_entry_header",
     "decode_bitmap_directory",
     "encode_bitmap_dir_entry",
     "encode_bitmap_directory",

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from construct import (
     Bytes,
     Const,
-    Construct,
     GreedyRange,
     Int8ub,
     Int16ub,
@@ -32,6 +31,7 @@ from construct import (
 )
 
 from .. import spec
+from . import Field, field_offsets, parse
 
 #: The fields common to versions 2 and 3 (bytes 0..71).
 HeaderV2 = Struct(
@@ -139,28 +139,12 @@ ExtensionFrame = Struct(
 # --------------------------------------------------------------------------- field offsets
 
 
-class HeaderField(NamedTuple):
-    """Where a header field lives: byte offset, size and its construct declaration."""
-
-    name: str
-    offset: int
-    size: int
-    subcon: Construct
-
-
-def _field_table(struct: Struct) -> dict[str, HeaderField]:
-    out: dict[str, HeaderField] = {}
-    pos = 0
-    for sc in struct.subcons:
-        size = sc.sizeof()
-        if sc.name:
-            out[sc.name] = HeaderField(sc.name, pos, size, sc)
-        pos += size
-    return out
+#: Where a header field lives: byte offset, size and its construct declaration.
+HeaderField = Field
 
 
 #: Every header field by spec name, with its offset computed from :data:`HeaderV3`.
-HEADER_FIELDS: Mapping[str, HeaderField] = _field_table(HeaderV3)
+HEADER_FIELDS: Mapping[str, HeaderField] = field_offsets(HeaderV3)
 
 #: Bytes of the version 2 header and of the fixed version 3 header.
 V2_HEADER_LENGTH = HeaderV2.sizeof()          # 72
@@ -185,7 +169,7 @@ def field_patch(name: str, value: Any) -> tuple[int, bytes]:
 def decode_field(name: str, raw: bytes) -> Any:
     """Header field ``name`` read from the header bytes ``raw`` (starting at offset 0)."""
     f = HEADER_FIELDS[name]
-    return f.subcon.parse(raw[f.offset:f.offset + f.size])
+    return parse(f.subcon, raw[f.offset:f.offset + f.size], what=name, offset=f.offset)
 
 
 # --------------------------------------------------------------------------- header
@@ -207,11 +191,12 @@ def decode_header(raw: bytes) -> dict[str, Any]:
     header fields past byte 112, kept as they are (QEMU keeps them too).
     No validation happens here (see ``qcow2kit.image.read_header``).
     """
-    h = HeaderV2.parse(raw)
+    h = parse(HeaderV2, raw, what="header", offset=0)
     out: dict[str, Any] = {k: v for k, v in h.items() if not k.startswith("_") and k != "magic"}
     if out["version"] < 3:
         return out
-    t = HeaderV3Tail.parse(raw[V2_HEADER_LENGTH:V3_FIXED_LENGTH])
+    t = parse(HeaderV3Tail, raw[V2_HEADER_LENGTH:V3_FIXED_LENGTH], what="header",
+              offset=V2_HEADER_LENGTH)
     out.update((k, v) for k, v in t.items() if not k.startswith("_"))
     hl = out["header_length"]
     opt_len = HeaderV3Optional.sizeof()
@@ -267,7 +252,8 @@ def decode_extensions(raw: bytes, start: int, end: int | None = None
     out: list[tuple[int, bytes]] = []
     pos = start
     while pos + ExtensionFrame.sizeof() <= end:
-        frame = ExtensionFrame.parse(raw[pos:pos + ExtensionFrame.sizeof()])
+        frame = parse(ExtensionFrame, raw[pos:pos + ExtensionFrame.sizeof()],
+                      what="header extension", offset=pos)
         if frame.type == spec.EXT_END:
             return out, pos + ExtensionFrame.sizeof()
         data_at = pos + ExtensionFrame.sizeof()
@@ -289,7 +275,8 @@ def decode_feature_table(data: bytes) -> list[tuple[tuple[int, int], str]]:
     """Feature-name table entries ``((type, bit), name)`` in table order (a trailing partial
     entry is ignored, as QEMU does)."""
     usable = len(data) - len(data) % FeatureNameEntry.sizeof()
-    return [((e.type, e.bit), e.name) for e in FeatureNameTable.parse(data[:usable])]
+    table = parse(FeatureNameTable, data[:usable], what="feature name table", offset=0)
+    return [((e.type, e.bit), e.name) for e in table]
 
 
 def encode_feature_table(entries: Iterable[tuple[tuple[int, int], str]]) -> bytes:
@@ -300,7 +287,7 @@ def encode_feature_table(entries: Iterable[tuple[tuple[int, int], str]]) -> byte
 
 def decode_bitmaps_extension(data: bytes) -> dict[str, int]:
     """The bitmaps extension: nb_bitmaps, reserved32, bitmap_directory_size/offset."""
-    b = BitmapsExtension.parse(data)
+    b = parse(BitmapsExtension, data, what="bitmaps extension", offset=0)
     return {k: v for k, v in b.items() if not k.startswith("_")}
 
 
@@ -313,7 +300,7 @@ def encode_bitmaps_extension(nb_bitmaps: int, bitmap_directory_size: int,
 
 def decode_crypto_extension(data: bytes) -> dict[str, int]:
     """The full disk encryption header pointer: offset and length."""
-    c = CryptoHeaderExtension.parse(data)
+    c = parse(CryptoHeaderExtension, data, what="crypto header extension", offset=0)
     return {"offset": c.offset, "length": c.length}
 
 

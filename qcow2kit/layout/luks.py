@@ -24,15 +24,14 @@ from construct import (
     Array,
     Bytes,
     Const,
-    ConstError,
-    ConstructError,
     Int16ub,
     Int32ub,
-    StreamError,
     Struct,
 )
 
 from qcow2kit.errors import InvalidHeaderError
+
+from . import parse
 
 __all__ = [
     "LUKS_MAGIC",
@@ -157,12 +156,8 @@ def parse_luks_header(header_bytes: bytes, *, base_offset: int = 0) -> Any:
     if len(data) < LUKS_HEADER_SIZE:
         raise _err(f"LUKS header is truncated ({len(data)} of {LUKS_HEADER_SIZE} bytes)",
                    "luks_header", 0, base_offset)
-    try:
-        hdr = LuksHeader.parse(data[:LUKS_HEADER_SIZE])
-    except ConstError as exc:  # pragma: no cover - magic is checked above
-        raise _err("Volume is not in LUKS format", "magic", 0, base_offset) from exc
-    except (StreamError, ConstructError) as exc:  # pragma: no cover - size is checked above
-        raise _err(f"LUKS header cannot be parsed: {exc}", "luks_header", 0, base_offset) from exc
+    # magic and size are checked above: the funnel's errors cannot happen here
+    hdr = parse(LuksHeader, data[:LUKS_HEADER_SIZE], what="luks_header", offset=base_offset)
 
     if hdr.version != LUKS_VERSION:
         raise _err(f"LUKS version {hdr.version} is not supported", "version",

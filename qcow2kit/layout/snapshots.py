@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import InvalidHeaderError
-from . import parse
+from . import field_offsets, parse
 from .header import SnapshotExtra, SnapshotHeader
 
 SNAPSHOT_HEADER_SIZE = SnapshotHeader.sizeof()     # 40
+_EXTRA_FIELDS = field_offsets(SnapshotExtra)
 
 
 @dataclass
@@ -35,24 +37,26 @@ class SnapshotEntry:
     id_str: bytes
     name: bytes
 
-    def _extra(self, index: int) -> int | None:
-        end = 8 * (index + 1)
-        if len(self.extra_data) < end:
+    def _extra(self, name: str) -> int | None:
+        """Field ``name`` of :data:`SnapshotExtra`, or None when the extra data is shorter."""
+        f = _EXTRA_FIELDS[name]
+        if len(self.extra_data) < f.offset + f.size:
             return None
-        return int.from_bytes(self.extra_data[end - 8:end], "big")
+        return int(parse(f.subcon, self.extra_data[f.offset:f.offset + f.size],
+                         what=f"snapshot extra data {name}", offset=f.offset))
 
     @property
     def vm_state_size_large(self) -> int | None:
         """The 64-bit VM state size of the extra data (None when the extra data is shorter)."""
-        return self._extra(0)
+        return self._extra("vm_state_size_large")
 
     @property
     def disk_size(self) -> int | None:
-        return self._extra(1)
+        return self._extra("disk_size")
 
     @property
     def icount(self) -> int | None:
-        return self._extra(2)
+        return self._extra("icount")
 
 
 def snapshot_extra(vm_state_size_large: int, disk_size: int, icount: int | None = None) -> bytes:
@@ -66,17 +70,30 @@ def _align8(n: int) -> int:
     return (n + 7) & ~7
 
 
+def decode_snapshot_header(raw: bytes, pos: int = 0, *, offset: int = 0,
+                           index: int = 0) -> Any:
+    """The fixed part of the entry at ``raw[pos:]`` (a construct Container of
+    :data:`SnapshotHeader`'s fields); ``offset`` is where ``raw`` starts in the file."""
+    what = f"snapshot table entry {index}"
+    if pos + SNAPSHOT_HEADER_SIZE > len(raw):
+        raise InvalidHeaderError(f"{what} is cut short", field=what, offset=offset + pos)
+    return parse(SnapshotHeader, raw[pos:pos + SNAPSHOT_HEADER_SIZE], what=what,
+                 offset=offset + pos)
+
+
+def snapshot_entry_length(h: Any) -> int:
+    """Bytes of the entry whose fixed part is ``h``, before the padding to 8."""
+    return SNAPSHOT_HEADER_SIZE + h.extra_data_size + h.id_str_size + h.name_size
+
+
 def decode_snapshot_entry(raw: bytes, pos: int = 0, *, offset: int = 0,
                           index: int = 0) -> tuple[SnapshotEntry, int]:
     """The entry at ``raw[pos:]`` (``offset`` is where ``raw`` starts in the file) and the
     position of the next entry (8-byte aligned)."""
     what = f"snapshot table entry {index}"
-    if pos + SNAPSHOT_HEADER_SIZE > len(raw):
-        raise InvalidHeaderError(f"{what} is cut short", field=what, offset=offset + pos)
-    h = parse(SnapshotHeader, raw[pos:pos + SNAPSHOT_HEADER_SIZE], what=what,
-              offset=offset + pos)
+    h = decode_snapshot_header(raw, pos, offset=offset, index=index)
     p = pos + SNAPSHOT_HEADER_SIZE
-    end = p + h.extra_data_size + h.id_str_size + h.name_size
+    end = pos + snapshot_entry_length(h)
     if end > len(raw):
         raise InvalidHeaderError(f"{what} runs past the end of the table", field=what,
                                  offset=offset + pos)
@@ -120,8 +137,10 @@ __all__ = [
     "SNAPSHOT_HEADER_SIZE",
     "SnapshotEntry",
     "decode_snapshot_entry",
+    "decode_snapshot_header",
     "decode_snapshot_table",
     "encode_snapshot_entry",
     "encode_snapshot_table",
+    "snapshot_entry_length",
     "snapshot_extra",
 ]

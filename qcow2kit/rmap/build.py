@@ -10,7 +10,6 @@ The format itself is :mod:`qcow2kit.rmap.format`.
 from __future__ import annotations
 
 import os
-import struct
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -18,16 +17,20 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .. import spec
 from .. import tables as T
 from ..errors import Qcow2Error, UnsupportedFeatureError
 from ..hostorder import HostOrderPlan
 from ..image import Image
+from ..layout import header as H
+from ..layout.rmap import (AUTOCLEAR_RMAP, EXT_RMAP, FLAG_DATA_FILE, RMAP_VERSION,
+                           RmapDataHeaderFields, RmapExtensionData, encode_rmap_data_header,
+                           encode_rmap_extension)
 from ..writer import ImageWriter
 from . import format as fmt
-from .format import (AUTOCLEAR_RMAP, COMP_DTYPE, DATA_HEADER_STRUCT, DATA_MAGIC,
-                     EXT_RMAP, EXT_STRUCT, FLAG_DATA_FILE, RMAP_VERSION, RmapInfo,
-                     compressed_records, data_intact, encode_records, hosts_from_gaps,
-                     l1_crc, read_extension, records, recorded_size, status, width)
+from .format import (COMP_DTYPE, RmapInfo, compressed_records, data_intact, encode_records,
+                     hosts_from_gaps, l1_crc, read_extension, records, recorded_size, status,
+                     width)
 
 
 @dataclass
@@ -128,13 +131,13 @@ def _last_refcounted_end(img: Image) -> int:
 
 def _check_buildable(img: Image) -> None:
     if img.header.version < 3:
-        raise UnsupportedFeatureError(f"{img.filename}: a version 2 image has no autoclear "
-                                      f"bits, so it cannot carry a reverse map",
-                                      field="version", offset=4, path=img.filename)
+        raise UnsupportedFeatureError("a version 2 image has no autoclear bits, so it cannot "
+                                      "carry a reverse map", field="version",
+                                      offset=H.field_offset("version")).locate(img.filename)
     if img.encrypted:
-        raise UnsupportedFeatureError(f"{img.filename}: encrypted images are not supported "
-                                      f"by the reverse map", field="crypt_method", offset=32,
-                                      path=img.filename)
+        raise UnsupportedFeatureError("encrypted images are not supported "
+                                      "by the reverse map", field="crypt_method",
+                                      offset=H.field_offset("crypt_method")).locate(img.filename)
 
 
 def build(path: str | os.PathLike[str], *, memory: int = 32 << 20) -> RmapInfo:
@@ -149,8 +152,9 @@ def build(path: str | os.PathLike[str], *, memory: int = 32 << 20) -> RmapInfo:
         widths = (width(c.max_gap), width(c.max_guest), width(c.max_count))
         cs = img.cluster_size
         where = max(-(-img.src.size // cs) * cs, _last_refcounted_end(img))
-        hdr = DATA_HEADER_STRUCT.pack(DATA_MAGIC, img.cluster_bits, c.unit_bits, *widths, 0, 0, 0,
-                             c.nb_data, c.comp.shape[0], img.src.size)
+        hdr = encode_rmap_data_header(RmapDataHeaderFields(
+            img.cluster_bits, c.unit_bits, *widths, nb_data_records=c.nb_data,
+            nb_compressed_records=c.comp.shape[0], file_size_before=img.src.size))
         crc = zlib.crc32(hdr)
         pos = where
         w.pwrite(hdr, pos)
@@ -169,11 +173,12 @@ def build(path: str | os.PathLike[str], *, memory: int = 32 << 20) -> RmapInfo:
         w.sync()
         w.step()                                               # 1: data on disk
         flags = FLAG_DATA_FILE if img.header.has_data_file else 0
-        ext = EXT_STRUCT.pack(RMAP_VERSION, flags, where, length, c.nb_data + c.comp.shape[0],
-                        img.header.l1_table_offset, l1_crc(img), crc)
+        ext = encode_rmap_extension(RmapExtensionData(
+            RMAP_VERSION, flags, where, length, c.nb_data + int(c.comp.shape[0]),
+            img.header.l1_table_offset, l1_crc(img), crc))
         _publish_extension(w, img, ext)                        # 2, 3: extension visible
         auto = img.header.autoclear_features | AUTOCLEAR_RMAP
-        w.pwrite(struct.pack(">Q", auto), 88)
+        _set_header_field(w, "autoclear_features", auto)
         w.sync()
         w.step()                                               # 4: valid bit set
     with Image.open(path, follow_backing=False) as img:
@@ -187,12 +192,21 @@ def _clusters(units: int, unit_bits: int, cluster_bits: int) -> int:
     return units >> (cluster_bits - unit_bits)
 
 
+_END_ENTRY = H.encode_extension(spec.EXT_END, b"")
+
+
+def _set_header_field(w: ImageWriter, name: str, value: int) -> None:
+    """Write one header field in place (its offset and encoding from the declaration)."""
+    offset, raw = H.field_patch(name, value)
+    w.pwrite(raw, offset)
+
+
 def _ext_layout(img: Image) -> tuple[int, int]:
     """(offset of the end-of-extensions entry, end of the extension area incl. that entry)."""
     off = img.header.header_length
     for ext in img.header.extensions:
-        off = ext.offset + 8 + (len(ext.data) + 7) // 8 * 8
-    return off, off + 8
+        off = ext.offset + len(H.encode_extension(ext.type, ext.data))
+    return off, off + len(_END_ENTRY)
 
 
 def _publish_extension(w: ImageWriter, img: Image, ext: bytes) -> None:
@@ -201,31 +215,33 @@ def _publish_extension(w: ImageWriter, img: Image, ext: bytes) -> None:
     h = img.header
     cs = img.cluster_size
     end_entry, _ = _ext_layout(img)
-    if w.pread(end_entry, 8) != bytes(8):
-        raise Qcow2Error(f"{img.filename}: no end-of-extensions entry at {end_entry:#x}; "
+    if w.pread(end_entry, len(_END_ENTRY)) != _END_ENTRY:
+        raise Qcow2Error(f"no end-of-extensions entry at {end_entry:#x}; "
                          f"refusing to add an extension", field="header extension",
-                         offset=end_entry, path=img.filename)
-    new_end = end_entry + 8 + len(ext) + 8        # our header + data + new end entry
+                         offset=end_entry).locate(img.filename)
+    entry = H.encode_extension(EXT_RMAP, ext)
+    frame = H.ExtensionFrame.sizeof()
+    new_end = end_entry + len(entry) + len(_END_ENTRY)   # our extension + new end entry
     if h.backing_file_offset:
         name_start = h.backing_file_offset
         name_len = h.backing_file_size
         if name_start < new_end:
             target = (max(new_end, name_start + name_len) + 7) // 8 * 8
             if target + name_len > cs:
-                raise Qcow2Error(f"{img.filename}: no room in cluster 0 for the reverse-map "
-                                 f"extension", field="backing_file_offset", offset=8,
-                                 path=img.filename)
+                raise Qcow2Error("no room in cluster 0 for the reverse-map "
+                                 "extension", field="backing_file_offset",
+                                 offset=H.field_offset("backing_file_offset")).locate(img.filename)
             w.pwrite(w.pread(name_start, name_len), target)
             w.sync()
-            w.pwrite(struct.pack(">Q", target), 8)
+            _set_header_field(w, "backing_file_offset", target)
             w.sync()
     elif new_end > cs:
-        raise Qcow2Error(f"{img.filename}: no room in cluster 0 for the reverse-map extension",
-                         field="header extension", offset=end_entry, path=img.filename)
+        raise Qcow2Error("no room in cluster 0 for the reverse-map extension",
+                         field="header extension", offset=end_entry).locate(img.filename)
     w.step()                                                   # 2: backing name out of the way
-    w.pwrite(ext + bytes(8), end_entry + 8)
+    w.pwrite(entry[frame:] + _END_ENTRY, end_entry + frame)
     w.sync()
-    w.pwrite(struct.pack(">II", EXT_RMAP, len(ext)), end_entry)
+    w.pwrite(entry[:frame], end_entry)     # one aligned 8-byte write: the end entry becomes ours
     w.sync()
     w.step()                                                   # 3: extension in the list
 
@@ -242,28 +258,23 @@ def drop(path: str | os.PathLike[str]) -> bool:
         with Image.open(path, follow_backing=False) as img:
             ext_off, data = read_extension(img)
             auto = img.header.autoclear_features
-            v3 = img.header.version >= 3   # a v2 header has no autoclear field at 88
+            v3 = img.header.version >= 3   # a v2 header has no autoclear field
             if data is None:
                 if v3 and auto & AUTOCLEAR_RMAP:
-                    w.pwrite(struct.pack(">Q", auto & ~AUTOCLEAR_RMAP), 88)
+                    _set_header_field(w, "autoclear_features", auto & ~AUTOCLEAR_RMAP)
                     w.sync()
                 return False
             info = status(img)
             before = recorded_size(img, info)
             if v3:
-                w.pwrite(struct.pack(">Q", auto & ~AUTOCLEAR_RMAP), 88)
+                _set_header_field(w, "autoclear_features", auto & ~AUTOCLEAR_RMAP)
                 w.sync()
             w.step()
             # Rewrite the extension list without ours, in one write of the area.
             start = img.header.header_length
             _, area_end = _ext_layout(img)
-            kept = b""
-            for ext in img.header.extensions:
-                if ext.type == EXT_RMAP:
-                    continue
-                pad = (-len(ext.data)) % 8
-                kept += struct.pack(">II", ext.type, len(ext.data)) + ext.data + bytes(pad)
-            kept += bytes(8)
+            kept = H.encode_extensions([(ext.type, ext.data) for ext in img.header.extensions
+                                        if ext.type != EXT_RMAP])
             w.pwrite(kept + bytes(max(0, area_end - start - len(kept))), start)
             w.sync()
             w.step()

@@ -8,7 +8,6 @@ dropping and verifying a map are in :mod:`qcow2kit.rmap.build`, which writes.
 
 from __future__ import annotations
 
-import struct
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -16,16 +15,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..image import Image
+from ..layout.header import ExtensionFrame
+from ..layout.rmap import (AUTOCLEAR_RMAP, DATA_HEADER, DATA_MAGIC, EXT_LENGTH, EXT_RMAP,
+                           FLAG_DATA_FILE, RMAP_VERSION, RmapDataHeaderFields,
+                           decode_rmap_data_header, decode_rmap_extension)
 
-EXT_RMAP = 0x524D4150
-RMAP_VERSION = 1
-AUTOCLEAR_RMAP = 1 << 32
-EXT_LENGTH = 48
-DATA_MAGIC = b"QKRMAP\0\1"
-DATA_HEADER = 40
-FLAG_DATA_FILE = 1
-EXT_STRUCT = struct.Struct(">IIQQQQII")
-DATA_HEADER_STRUCT = struct.Struct("<8sBBBBBBBBQQQ")
 COMP_DTYPE = np.dtype([("host", "<u8"), ("guest", "<u8"), ("clen", "<u4")])
 CHUNK_RECORDS = 1 << 16
 
@@ -112,8 +106,11 @@ def status(img: Image) -> RmapInfo:
     if len(data) != EXT_LENGTH:
         info.reason = f"reverse-map extension has length {len(data)}, expected {EXT_LENGTH}"
         return info
+    assert ext_off is not None
+    e = decode_rmap_extension(data, offset=ext_off + ExtensionFrame.sizeof())
     (info.version, info.flags, info.offset, info.length, info.nb_records, info.l1_table_offset,
-     info.l1_crc32, info.data_crc32) = EXT_STRUCT.unpack(data)
+     info.l1_crc32, info.data_crc32) = (e.version, e.flags, e.offset, e.length, e.nb_records,
+                                        e.l1_table_offset, e.l1_crc32, e.data_crc32)
     if info.version != RMAP_VERSION:
         info.reason = f"unknown reverse-map version {info.version}"
         return info
@@ -125,12 +122,16 @@ def status(img: Image) -> RmapInfo:
             info.offset % img.cluster_size:
         info.reason = "reverse-map data lies outside the file"
         return info
-    hdr = DATA_HEADER_STRUCT.unpack(img.src.read_at(info.offset, DATA_HEADER, field="rmap data"))
-    magic, cb, ub, hw, gw, cw = hdr[:6]
+    dh = _data_header(img, info.offset)
+    if dh is None:
+        info.reason = "reverse-map data header does not match the image"
+        return info
+    cb, ub, (hw, gw, cw) = dh.cluster_bits, dh.unit_bits, dh.widths
     info.cluster_bits, info.unit_bits, info.widths = cb, ub, (hw, gw, cw)
-    info.nb_data_records, info.nb_compressed_records = hdr[9], hdr[10]
-    info.extra["file_size_before"] = hdr[11]
-    if magic != DATA_MAGIC or cb != img.cluster_bits or ub != img.geometry.unit_bits \
+    info.nb_data_records, info.nb_compressed_records = dh.nb_data_records, \
+        dh.nb_compressed_records
+    info.extra["file_size_before"] = dh.file_size_before
+    if cb != img.cluster_bits or ub != img.geometry.unit_bits \
             or not all(1 <= w <= 8 for w in (hw, gw, cw)):
         info.reason = "reverse-map data header does not match the image"
         return info
@@ -201,5 +202,19 @@ def recorded_size(img: Image, info: RmapInfo) -> int | None:
     """The file size recorded when the map was built, if its data header is still intact."""
     if not info.offset or info.offset + DATA_HEADER > img.src.size:
         return None
-    hdr = DATA_HEADER_STRUCT.unpack(img.src.read_at(info.offset, DATA_HEADER, field="rmap data"))
-    return int(hdr[11]) if hdr[0] == DATA_MAGIC else None
+    dh = _data_header(img, info.offset)
+    return dh.file_size_before if dh is not None else None
+
+
+def _data_header(img: Image, offset: int) -> RmapDataHeaderFields | None:
+    """The map data's header at ``offset`` (inside the file), or None without the map's magic."""
+    return decode_rmap_data_header(img.src.read_at(offset, DATA_HEADER, field="rmap data"),
+                                   offset=offset)
+
+
+__all__ = [
+    "AUTOCLEAR_RMAP", "CHUNK_RECORDS", "COMP_DTYPE", "DATA_HEADER", "DATA_MAGIC", "EXT_LENGTH",
+    "EXT_RMAP", "FLAG_DATA_FILE", "RMAP_VERSION", "RmapInfo", "compressed_records",
+    "data_intact", "decode_records", "encode_records", "hosts_from_gaps", "l1_crc",
+    "read_extension", "records", "recorded_size", "status", "width",
+]
