@@ -283,7 +283,7 @@ def resolve(layer: ChainLayer, w0: int, w1: int, depth: int = 0) -> np.ndarray:
         assert back is not None
         parts.append(resolve(back, w0, reach, depth + 1))
     if reach < w1:
-        own = _clip(runs, reach, w1)
+        own = runs.copy() if reach == w0 else _clip(runs, reach, w1)
         f = own["flags"]
         own["flags"] = np.where((f & np.uint8(FLAG_FALLTHROUGH)) != 0,
                                 np.uint8(FLAG_ZERO) | (f & np.uint8(FLAG_OFFSET)), f)
