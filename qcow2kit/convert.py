@@ -198,17 +198,17 @@ def _convert_guest_order(img: Image, target: RawTarget,
                          progress: Callable[[int], None] | None, chunk_size: int) -> int:
     written = 0
     buf = bytearray(chunk_size)
-    pos = 0
-    while pos < img.size:
-        n = min(chunk_size, img.size - pos)
-        # Find what in this chunk needs reading; known-zero ranges stay holes.
-        for st in block_status(img, pos, n):
-            if not st.data:
-                continue
-            mv = memoryview(buf)[:st.length]
-            img.readinto(st.guest, mv)
-            written += _write_nonzero(target.fd, st.guest, mv, target.path)
+    # One walk of the chain (block_status streams it window by window); what needs
+    # reading is read a chunk at a time, known-zero ranges stay holes.
+    for st in block_status(img, 0, img.size):
+        if not st.data:
+            continue
+        pos, end = st.guest, st.guest + st.length
+        while pos < end:
+            mv = memoryview(buf)[:min(chunk_size, end - pos)]
+            img.readinto(pos, mv)
+            written += _write_nonzero(target.fd, pos, mv, target.path)
             if progress is not None:
-                progress(st.length)
-        pos += n
+                progress(len(mv))
+            pos += len(mv)
     return written

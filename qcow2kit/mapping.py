@@ -6,7 +6,8 @@ working arrays of every layer stay within the memory budget; L2 tables of
 a batch that lie back to back in the file are read with one pread, and
 unallocated L1 entries cost no read at all.  Each window is decoded with
 numpy into runs, the runs a layer does not allocate are resolved in its
-backing file (depth + 1), and the result is merged by qemu-img map's rules:
+backing file (depth + 1) by the chain's one resolver
+(:func:`qcow2kit.image.chain.resolve`), and the result is merged by qemu-img map's rules:
 adjacent extents merge when depth, present, zero, data (and here compressed)
 agree and host offsets, if any, are contiguous.
 
@@ -42,18 +43,18 @@ import numpy as np
 
 from . import tables as T
 from .image import Image, RawImage
-from .image.chain import backing_reach
+from .image.chain import (FLAG_COMPRESSED, FLAG_DATA, FLAG_FALLTHROUGH, FLAG_OFFSET,
+                          FLAG_PRESENT, FLAG_ZERO, KIND_FLAGS, resolve)
+from .image.chain import RUN_DTYPE as EXTENT_DTYPE
 from .image.refcounts import clusters_in_use
 
-#: One extent: a guest range with uniform status.
-EXTENT_DTYPE = np.dtype([("start", "<u8"), ("length", "<u8"), ("offset", "<u8"),
-                         ("depth", "<u2"), ("kind", "u1"), ("flags", "u1")])
+# EXTENT_DTYPE (one extent: a guest range with uniform status) and the FLAG_* bits are
+# the chain resolver's runs (qcow2kit.image.chain), merged.
+__all__ = ["EXTENT_DTYPE", "FLAG_COMPRESSED", "FLAG_DATA", "FLAG_OFFSET", "FLAG_PRESENT",
+           "FLAG_ZERO", "MERGE_FLAGS", "DEFAULT_MEMORY", "MIN_MEMORY", "Extent", "merge",
+           "detect_metadata_preallocation", "check_memory", "resolved_batches", "map_batches",
+           "map_extents", "iter_extents", "layer_filenames"]
 
-FLAG_PRESENT = 1
-FLAG_ZERO = 2
-FLAG_DATA = 4
-FLAG_OFFSET = 8        # ``offset`` is valid
-FLAG_COMPRESSED = 16
 #: Flags that must agree for two adjacent extents to merge.
 #: (Not FLAG_COMPRESSED: qemu-img 7.2's entry_mergeable has no such field. Compressed
 #: data carries no offset, so it only ever meets another offset-less data extent.)
@@ -63,9 +64,6 @@ DEFAULT_MEMORY = 32 * 1024 * 1024
 #: Bytes of working memory per decoded unit (L2 entry words plus the numpy
 #: temporaries of decoding, overlaying and merging), measured with tracemalloc.
 BYTES_PER_UNIT = 320
-
-# Status of one unit in its own layer, before resolving the backing chain.
-_FALLTHROUGH = 0x80    # internal: ask the backing file
 
 
 class Extent(NamedTuple):
@@ -261,16 +259,23 @@ def _split_by_holes(ext: np.ndarray, mask: np.ndarray, ds: np.ndarray, de: np.nd
 
 @dataclass
 class _Layer:
-    """Per-image state of a scan: the image, its depth, and what block status needs."""
+    """Per-image state of a scan: the image and what block status needs (a chain layer for
+    :func:`~qcow2kit.image.chain.resolve`)."""
 
     img: Image | RawImage
-    depth: int
     backing: "_Layer | None"
     prealloc: bool = False
     #: most data regions of the file held at once (from the memory budget)
     region_cap: int = 1 << 16
     regions: tuple[np.ndarray, np.ndarray] | None = None
     fragmented: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.img.size
+
+    def runs(self, w0: int, w1: int) -> np.ndarray:
+        return _layer_runs(self, w0, w1)
 
     def _fd(self) -> int:
         src = self.img.src if isinstance(self.img, RawImage) else self.img.data_source
@@ -331,12 +336,11 @@ def detect_metadata_preallocation(img: Image) -> bool:
     return clusters_in_use(img.src, img.header, end_cluster, threshold) >= threshold
 
 
-def _make_layers(img: Image | RawImage, depth: int = 0, holes: bool = True,
+def _make_layers(img: Image | RawImage, holes: bool = True,
                  region_cap: int = 1 << 16) -> _Layer:
     back = img.backing if isinstance(img, Image) else None
-    layer = _Layer(img, depth,
-                   _make_layers(back, depth + 1, holes, region_cap) if back is not None
-                   else None, region_cap=region_cap)
+    layer = _Layer(img, _make_layers(back, holes, region_cap) if back is not None else None,
+                   region_cap=region_cap)
     if holes and isinstance(img, Image) and not img.encrypted:
         layer.prealloc = detect_metadata_preallocation(img)
     return layer
@@ -356,16 +360,16 @@ def _units_per_byte(layer: _Layer | None) -> float:
 def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
     """Runs of uniform status of one layer over [w0, w1) (w1 <= its size), before merging.
 
-    Units the layer leaves to its backing file carry ``_FALLTHROUGH`` in flags.
+    Units the layer leaves to its backing file carry ``FLAG_FALLTHROUGH``; the
+    resolver stamps the depth.
     """
     img = layer.img
-    depth = layer.depth
     if isinstance(img, RawImage):
         # The raw driver passes block status to the file: data regions and holes.
         whole = _runs(np.array([w0], np.uint64), np.array([w1 - w0], np.uint64),
                       np.array([w0], np.uint64), np.array([FLAG_PRESENT | FLAG_DATA | FLAG_OFFSET],
                                                           np.uint8),
-                      np.array([T.DATA], np.uint8), np.array([depth], np.uint16))
+                      np.array([T.DATA], np.uint8), np.zeros(1, np.uint16))
         return layer.split_by_holes(whole, np.ones(1, bool), hole_clears_data=True)
 
     geo = img.geometry
@@ -390,9 +394,9 @@ def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
         t1 = min((l1_index + 1) << span_bits, w1)
         if t0 > pos:  # unallocated L1 entries before this table
             pieces.append(_runs(np.array([pos], np.uint64), np.array([t0 - pos], np.uint64),
-                                np.zeros(1, np.uint64), np.array([_FALLTHROUGH], np.uint8),
+                                np.zeros(1, np.uint64), np.array([FLAG_FALLTHROUGH], np.uint8),
                                 np.array([T.UNALLOCATED], np.uint8),
-                                np.array([depth], np.uint16)))
+                                np.zeros(1, np.uint16)))
         base = l1_index << span_bits
         c0 = (t0 - base) >> cb
         c1 = ((t1 - 1 - base) >> cb) + 1
@@ -400,11 +404,7 @@ def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
         u = T.classify(ents, None if bitmaps is None else bitmaps[c0 - e0:c1 - e0], geo)
         l2.check_units(l1_index, c0, ents, u)
         kind = u.kind
-        flags = np.zeros(kind.shape, np.uint8)
-        flags[kind == T.DATA] = FLAG_PRESENT | FLAG_DATA
-        flags[kind == T.COMPRESSED] = FLAG_PRESENT | FLAG_DATA | FLAG_COMPRESSED
-        flags[kind == T.ZERO] = FLAG_PRESENT | FLAG_ZERO
-        flags[kind == T.UNALLOCATED] = _FALLTHROUGH
+        flags = KIND_FLAGS[kind]
         if not crypto:
             flags[u.offset_valid] |= FLAG_OFFSET
         host = u.host
@@ -433,90 +433,17 @@ def _layer_runs(layer: _Layer, w0: int, w1: int) -> np.ndarray:
             heads, ustart, s, e = heads[inside], ustart[inside], s[inside], e[inside]
         off = np.where(kind[heads] == T.COMPRESSED, host[heads], host[heads] + (s - ustart))
         pieces.append(_runs(s, e - s, off, flags[heads], kind[heads],
-                            np.full(heads.shape[0], depth, np.uint16)))
+                            np.zeros(heads.shape[0], np.uint16)))
         pos = t1
     if pos < w1:
         pieces.append(_runs(np.array([pos], np.uint64), np.array([w1 - pos], np.uint64),
-                            np.zeros(1, np.uint64), np.array([_FALLTHROUGH], np.uint8),
-                            np.array([T.UNALLOCATED], np.uint8), np.array([depth], np.uint16)))
+                            np.zeros(1, np.uint64), np.array([FLAG_FALLTHROUGH], np.uint8),
+                            np.array([T.UNALLOCATED], np.uint8), np.zeros(1, np.uint16)))
     runs = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
     if layer.prealloc:
         normal = (runs["kind"] == T.DATA) & ((runs["flags"] & np.uint8(FLAG_OFFSET)) != 0)
         runs = layer.split_by_holes(runs, normal)
     return runs
-
-
-def _overlay(top: np.ndarray, below: np.ndarray) -> np.ndarray:
-    """Replace the fall-through extents of ``top`` by what ``below`` says for the same range."""
-    fall = (top["flags"] & np.uint8(_FALLTHROUGH)) != 0
-    if not fall.any():
-        return top
-    # Elementary pieces: every start of either array, inside the fall-through ranges.
-    pts = np.union1d(top["start"], below["start"])
-    end = top["start"][-1] + top["length"][-1]
-    ti = np.searchsorted(top["start"], pts, side="right") - 1
-    keep_top = ~fall[ti]
-    # Pieces in non-fall-through top extents collapse back to the top extent itself.
-    top_heads = keep_top & np.concatenate(([True], ti[1:] != ti[:-1]))
-    sel_top = ti[top_heads]
-    fall_pts = pts[~keep_top]
-    bi = np.searchsorted(below["start"], fall_pts, side="right") - 1
-    piece = below[bi].copy()
-    delta = fall_pts - piece["start"]
-    piece["start"] = fall_pts
-    # A compressed cluster's offset is its stream's, whatever part of it a piece covers.
-    piece["offset"] = np.where(piece["kind"] == T.COMPRESSED, piece["offset"],
-                               piece["offset"] + delta)
-    nxt = np.empty(pts.shape[0], np.uint64)
-    nxt[:-1] = pts[1:]
-    nxt[-1] = end
-    piece["length"] = nxt[~keep_top] - fall_pts
-    out = np.concatenate((top[sel_top], piece))
-    return out[np.argsort(out["start"], kind="stable")]
-
-
-def _clip(ext: np.ndarray, a: int, b: int) -> np.ndarray:
-    """The part of a sorted, gap-free extent array inside [a, b)."""
-    starts = ext["start"]
-    ends = starts + ext["length"]
-    i = int(np.searchsorted(ends, np.uint64(a), side="right"))
-    j = int(np.searchsorted(starts, np.uint64(b), side="left"))
-    out = ext[i:j].copy()
-    if out.shape[0]:
-        cut = np.uint64(a) - out["start"][0] if out["start"][0] < a else np.uint64(0)
-        out["start"][0] += cut
-        out["offset"][0] += cut
-        out["length"][0] -= cut
-        over = out["start"][-1] + out["length"][-1]
-        if over > b:
-            out["length"][-1] -= over - np.uint64(b)
-    return out
-
-
-def _resolve(layer: _Layer, w0: int, w1: int) -> np.ndarray:
-    """Runs of [w0, w1) with every fall-through resolved down the chain (not yet merged).
-
-    What a layer leaves unallocated comes from its backing file where that
-    reaches; elsewhere it reads as zero at this layer's depth, keeping the
-    layer's own host offset when it has one (an unallocated subcluster of an
-    allocated cluster), as QEMU's block status does.
-    """
-    runs = _layer_runs(layer, w0, w1)
-    fall = (runs["flags"] & np.uint8(_FALLTHROUGH)) != 0
-    if not fall.any():
-        return runs
-    own = runs.copy()
-    own["flags"] = np.where(fall, np.uint8(FLAG_ZERO) | (runs["flags"] & np.uint8(FLAG_OFFSET)),
-                            runs["flags"])
-    b1 = backing_reach(None if layer.backing is None else layer.backing.img, w0, w1)
-    parts = []
-    if b1 > w0:
-        assert layer.backing is not None
-        parts.append(_resolve(layer.backing, w0, b1))
-    if b1 < w1:
-        parts.append(_clip(own, b1, w1))
-    below = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return _overlay(runs, below)
 
 
 # --------------------------------------------------------------------------- public API
@@ -563,9 +490,7 @@ def resolved_batches(img: Image, start: int = 0, length: int | None = None, *,
     pos = start
     while pos < end:
         w1 = min(end, (pos // window + 1) * window)
-        runs = _resolve(layers, pos, w1)
-        runs["flags"] &= np.uint8(~_FALLTHROUGH & 0xFF)
-        yield runs
+        yield resolve(layers, pos, w1)
         pos = w1
 
 

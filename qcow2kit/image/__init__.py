@@ -9,7 +9,7 @@ refcounts       the refcount table and blocks (qcow2-refcount.c)
 l2              the one L1/L2 reader, its validation and its cache
                 (qcow2-cluster.c, qcow2-cache.c)
 compressed      inflating compressed clusters (qcow2-threads.c)
-chain           backing files, data files, raw layers, block status
+chain           backing files, data files, raw layers, the chain resolver
 ==============  ===========================================================
 
 The rooms import from each other downwards only (core above chain above l2
