@@ -27,6 +27,7 @@ from .. import tables as T
 from ..errors import (BackingChainError, BackingFileNotFoundError, CorruptImageError,
                       DataFileNotFoundError, ImageNotFoundError, Qcow2Error,
                       UnsupportedFeatureError)
+from ..layout import header as H
 from ..source import ByteSource, SourceKind, open_source
 from .l2 import Segment
 
@@ -85,6 +86,8 @@ class Qcow2Layer(Protocol):
     def close(self) -> None: ...
 
 
+_BACKING_OFF = H.field_offset("backing_file_offset")
+
 #: Opens a qcow2 backing file from its source and name, within the chain seen so far.
 OpenQcow2 = Callable[[ByteSource, str], Qcow2Layer]
 
@@ -100,20 +103,21 @@ def open_backing(filename: str, name: str, backing_format: str | None,
     """
     real = os.path.realpath(name)
     if real in chain:
-        raise BackingChainError(f"{filename}: backing chain loops back to {name}",
-                                field="backing_file_offset", offset=8, path=filename)
+        raise BackingChainError(f"backing chain loops back to {name}",
+                                field="backing_file_offset", offset=_BACKING_OFF).locate(filename)
     if len(chain) > max_depth:
-        raise BackingChainError(f"{filename}: backing chain is deeper than {max_depth} images",
-                                field="backing_file_offset", offset=8, path=filename)
+        raise BackingChainError(f"backing chain is deeper than {max_depth} images",
+                                field="backing_file_offset", offset=_BACKING_OFF).locate(filename)
     try:
         src = open_source(name, source_kind)
     except ImageNotFoundError as exc:
-        raise BackingFileNotFoundError(
-            f"{filename}: cannot open backing file {name!r}: {exc.strerror}",
-            errno.ENOENT, name, field="backing_file_offset", offset=8, path=filename) from exc
+        raise BackingFileNotFoundError(      # an OSError: its filename is the missing file
+            f"{filename}: cannot open backing file {name!r}: {exc.strerror}", errno.ENOENT, name,
+            field="backing_file_offset", offset=_BACKING_OFF, path=filename) from exc
     except Qcow2Error as exc:
-        raise BackingChainError(f"{filename}: cannot open backing file {name!r}: {_reason(exc)}",
-                                field="backing_file_offset", offset=8, path=filename) from exc
+        raise BackingChainError(f"cannot open backing file {name!r}: {_reason(exc)}",
+                                field="backing_file_offset",
+                                offset=_BACKING_OFF).locate(filename) from exc
     fmt = backing_format
     if fmt is None:  # probe, as QEMU does when no format is recorded
         fmt = "qcow2" if src.size >= 4 and src.read_at(0, 4) == spec.QCOW_MAGIC else "raw"
@@ -126,9 +130,9 @@ def open_backing(filename: str, name: str, backing_format: str | None,
         src.close()
         raise
     src.close()
-    raise UnsupportedFeatureError(f"{filename}: backing file format {fmt!r} is not supported "
+    raise UnsupportedFeatureError(f"backing file format {fmt!r} is not supported "
                                   f"(qcow2 and raw are)", field="backing format",
-                                  offset=format_ext_offset, path=filename)
+                                  offset=format_ext_offset).locate(filename)
 
 
 def open_data_file(filename: str, path: str, ext_offset: int | None,
@@ -142,9 +146,9 @@ def open_data_file(filename: str, path: str, ext_offset: int | None,
             errno.ENOENT, path, field="data file extension", offset=ext_offset,
             path=filename) from exc
     except Qcow2Error as exc:
-        raise CorruptImageError(f"{filename}: cannot open external data file {path!r}: "
-                                f"{_reason(exc)}", field="data file extension",
-                                offset=ext_offset, path=filename) from exc
+        raise CorruptImageError(f"cannot open external data file {path!r}: {_reason(exc)}",
+                                field="data file extension",
+                                offset=ext_offset).locate(filename) from exc
 
 
 def backing_reach(backing: Qcow2Layer | RawImage | None, start: int, end: int) -> int:
