@@ -2,9 +2,9 @@
 
 The builder starts from the file ``qemu-img create`` writes (it calls
 :func:`qcow2kit.create.create`, so the header, refcount table, first refcount
-block and L1 table are byte for byte QEMU's) and then keeps using create's
-allocator (a replay of QEMU's ``qcow2_alloc_clusters``, ``alloc_refcount_block``
-and ``qcow2_refcount_area``) to place data clusters, L2 tables and new
+block and L1 table are byte for byte QEMU's) and then keeps using the allocator
+create replayed (:class:`qcow2kit.alloc.Allocator`, QEMU's ``qcow2_alloc_clusters``,
+``alloc_refcount_block`` and ``qcow2_refcount_area``) to place data clusters, L2 tables and new
 refcount blocks, growing the refcount table with self-describing refcount
 blocks when it runs out.  Host clusters are appended in the order the caller
 writes them, so writing in guest order gives an unfragmented file and writing
@@ -46,6 +46,7 @@ import numpy as np
 
 from . import spec
 from . import tables as T
+from .alloc import Allocator
 from .create import CreatePlan, create
 from .errors import Qcow2Error
 from .layout import header as H
@@ -115,7 +116,7 @@ class ImageBuilder:
         self.plan: CreatePlan = create(self.path, size, options=options,
                                        backing_file=backing_file, backing_fmt=backing_fmt)
         o = self.plan.options
-        a = self.plan._alloc
+        a: Allocator = self.plan.allocator
         self.options = o
         self._a = a
         self.size = o.size
