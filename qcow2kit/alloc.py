@@ -57,7 +57,8 @@ class UsedClusters:
     """The set of clusters with refcount 1, as sorted disjoint half-open intervals.
 
     ``qemu-img create`` never shares a cluster, so a refcount is 0 or 1 and a set
-    of runs describes every refcount block exactly.
+    of runs describes every refcount block exactly.  (The builder keeps the extra
+    references of host clusters shared by compressed streams beside it.)
     """
 
     def __init__(self) -> None:
@@ -151,8 +152,11 @@ class Run:
 
 
 class Allocator:
-    """A replay of the parts of QEMU's qcow2 driver that ``qemu-img create`` runs.
+    """A replay of the parts of QEMU's qcow2 driver that allocate clusters (those
+    ``qemu-img create`` runs, which the builder keeps calling for new clusters).
 
+    ``cluster_bits`` and ``refcount_order`` are the image's; ``extended_l2`` and
+    ``has_data_file`` change the L2 geometry and where data clusters live.
     Sizes are in clusters unless named ``*_offset``/``*_bytes``.  The model
     keeps: refcounts (:class:`UsedClusters`), the refcount table, QEMU's
     ``free_cluster_index``, the L1 table, where each L2 table is and which guest
