@@ -2,9 +2,9 @@
 
 The builder starts from the file ``qemu-img create`` writes (it calls
 :func:`qcow2kit.create.create`, so the header, refcount table, first refcount
-block and L1 table are byte for byte QEMU's) and then keeps using create's
-allocator (a replay of QEMU's ``qcow2_alloc_clusters``, ``alloc_refcount_block``
-and ``qcow2_refcount_area``) to place data clusters, L2 tables and new
+block and L1 table are byte for byte QEMU's) and then keeps using the allocator
+create replayed (:class:`qcow2kit.alloc.Allocator`, QEMU's ``qcow2_alloc_clusters``,
+``alloc_refcount_block`` and ``qcow2_refcount_area``) to place data clusters, L2 tables and new
 refcount blocks, growing the refcount table with self-describing refcount
 blocks when it runs out.  Host clusters are appended in the order the caller
 writes them, so writing in guest order gives an unfragmented file and writing
@@ -46,6 +46,7 @@ import numpy as np
 
 from . import spec
 from . import tables as T
+from .alloc import Allocator
 from .create import CreatePlan, create
 from .errors import Qcow2Error
 from .layout import header as H
@@ -115,7 +116,7 @@ class ImageBuilder:
         self.plan: CreatePlan = create(self.path, size, options=options,
                                        backing_file=backing_file, backing_fmt=backing_fmt)
         o = self.plan.options
-        a = self.plan._alloc
+        a: Allocator = self.plan.allocator
         self.options = o
         self._a = a
         self.size = o.size
@@ -263,21 +264,29 @@ class ImageBuilder:
         return t
 
     def _alloc_compressed(self, nbytes: int) -> int:
-        """Byte offset for a compressed stream: packed after the previous one when it fits
-        in the same host cluster (one more reference), else at a new cluster."""
+        """Byte offset for a compressed stream, packed as QEMU's ``qcow2_alloc_bytes`` packs
+        them: right after the previous stream (one more reference to its host cluster) when
+        it fits there, or when the cluster allocated next is the following one, so that the
+        stream crosses into it; else at the start of a new cluster."""
         cs = self.cluster_size
         c = self._comp_cluster
-        if c >= 0 and self._comp_pos + nbytes <= (c + 1) * cs:
+        pos = self._comp_pos
+        if c >= 0:
             rti = c >> self._a.rb_bits
             extra = self._extra.setdefault(rti, {})
-            if extra.get(c, 0) + 2 <= self.max_refcount:
-                extra[c] = extra.get(c, 0) + 1
-                self._touched_rti.add(rti)
-                off = self._comp_pos
-                self._comp_pos += nbytes
-                return off
+            if extra.get(c, 0) + 2 > self.max_refcount:
+                c = -1                      # that cluster's refcount is full: start anew
+        if c >= 0 and pos + nbytes <= (c + 1) * cs:
+            extra[c] = extra.get(c, 0) + 1
+            self._touched_rti.add(rti)
+            self._comp_pos += nbytes
+            return pos
         off = self._a.alloc_clusters(cs)
-        self._comp_cluster = off >> self.cluster_bits
+        if c >= 0 and pos < off == (c + 1) * cs:
+            extra[c] = extra.get(c, 0) + 1  # the stream starts in c, ends in the new cluster
+            self._touched_rti.add(rti)
+            off = pos
+        self._comp_cluster = (off + nbytes - 1) >> self.cluster_bits
         self._comp_pos = off + nbytes
         return off
 

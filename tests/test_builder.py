@@ -229,6 +229,37 @@ def test_incompressible_cluster_falls_back_to_normal(tmp_path):
     assert "0.00% compressed" in out
 
 
+def test_compressed_streams_cross_into_the_next_cluster(tmp_path):
+    """Streams are packed back to back as QEMU's qcow2_alloc_bytes packs them: one that does
+    not fit in what is left of its host cluster continues into the next cluster when that is
+    the one allocated next (both clusters count a reference)."""
+    from qcow2kit import tables as T
+
+    path = tmp_path / "packed.qcow2"
+    cs, n = 512, 64
+    rng = np.random.default_rng(3)
+    # ~200 random bytes and zeros: streams of ~220 bytes, so about every other one crosses
+    clusters = [rng.integers(0, 256, 200, dtype=np.uint8).tobytes() + bytes(cs - 200)
+                for _ in range(n)]
+    with ImageBuilder(path, n * cs, cluster_size=cs) as b:
+        for gc, data in enumerate(clusters):
+            b.write_compressed(gc * cs, data)
+        l1_offset = b.plan.allocator.l1_offset
+    out = assert_valid_and_equal(path, b"".join(clusters))
+    assert "100.00% compressed" in out, out
+    geo = T.L2Geometry(9, False, False)
+    with open(path, "rb") as f:
+        f.seek(l1_offset)
+        l2_offset = int(T.l1_offsets(T.decode_u64_table(f.read(8)))[0])
+        f.seek(l2_offset)
+        units = T.classify(*T.decode_l2(f.read(cs), geo), geo)
+    assert (units.kind[:n] == T.COMPRESSED).all()
+    first = units.host[:n] // cs
+    last = (units.host[:n] + units.csize[:n] - 1) // cs
+    assert np.count_nonzero(last != first) > n // 4
+    assert np.unique(first).shape[0] < n // 2
+
+
 def test_misuse_is_refused(tmp_path):
     path = tmp_path / "misuse.qcow2"
     with ImageBuilder(path, MiB, cluster_size=4096) as b:

@@ -101,3 +101,19 @@ def test_readme_library_examples_run(tmp_path, monkeypatch, capsys):
     assert "['hello.txt']" in out
     with open(tmp_path / "flat.raw", "rb") as f, qcow2kit.open(tmp_path / "overlay.qcow2") as img:
         assert f.read() == img.read(0, img.size)
+
+
+# ------------------------------------------------------------------------------------------
+# The layer drawing of the README's Layout section is the import-linter contract.
+
+
+def test_readme_layers_are_the_import_contract():
+    tomllib = pytest.importorskip("tomllib")
+    contract = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    layers = contract["contracts"][0]["layers"]
+    text = (ROOT / "README.md").read_text()
+    block = text.split("The layers, top to bottom", 1)[1].split("```\n", 2)[1]
+    drawn = [re.sub(r"\s{2,}\S.*$", "", line).strip() for line in block.splitlines()]
+    expected = [" | ".join(m.strip().removeprefix("qcow2kit.") for m in layer.split("|"))
+                for layer in layers]
+    assert [d for d in drawn if d] == expected

@@ -1,7 +1,8 @@
 """``qcow2kit demo``: build a fragmented sample image and show what qcow2kit makes of it.
 
-The sample is written by :mod:`qcow2kit.sample` (no qemu-img needed): its
-clusters lie in shuffled host order, as a VM disk's do after random writes.
+The sample is written by :mod:`qcow2kit.sample` through the image builder (no
+qemu-img needed): its clusters lie in shuffled host order, as a VM disk's do
+after random writes.
 The demo returns text; the CLI prints it.
 """
 
