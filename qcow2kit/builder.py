@@ -114,7 +114,8 @@ class ImageBuilder:
         if data_file is not None:
             options["data_file"] = data_file
         self.plan: CreatePlan = create(self.path, size, options=options,
-                                       backing_file=backing_file, backing_fmt=backing_fmt)
+                                       backing_file=backing_file, backing_fmt=backing_fmt,
+                                       sync=cache == "writeback")
         o = self.plan.options
         a: Allocator = self.plan.allocator
         self.options = o

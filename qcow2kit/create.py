@@ -259,17 +259,19 @@ def _fill(w: ImageWriter, fill: tuple[int, int, str] | None) -> None:
         _write_zeros(w, start, end - start)
 
 
-def write_plan(p: CreatePlan) -> None:
+def write_plan(p: CreatePlan, *, sync: bool = True) -> None:
     """Write the image (and its data file) that :func:`plan` computed.
 
     The files are created, or truncated when they exist, only now; QEMU's
     image locks are taken first (a file in use by QEMU is refused).  Order:
     data areas, metadata, fsync, header, fsync; a failure removes the files.
+    ``sync=False`` keeps the order and leaves out the fsyncs (qemu-img's
+    cache=unsafe: safe when the process is killed, not after a power cut).
     """
     writers: list[ImageWriter] = []
     made: list[str] = []
     try:
-        _write_plan(p, writers, made)
+        _write_plan(p, writers, made, sync)
     except CreateError as exc:
         raise CreateError(f"{p.path}: {exc.message}", option=exc.option, path=p.path) from None
     except OSError as exc:
@@ -282,7 +284,8 @@ def write_plan(p: CreatePlan) -> None:
             wr.close()
 
 
-def _write_plan(p: CreatePlan, writers: list[ImageWriter], made: list[str]) -> None:
+def _write_plan(p: CreatePlan, writers: list[ImageWriter], made: list[str],
+                sync: bool = True) -> None:
     """Open (locked) both files, then truncate and write them; on failure remove the files
     created here and the ones already truncated (their old content is gone anyway, and
     QEMU removes them too), never a file that was only opened."""
@@ -307,7 +310,8 @@ def _write_plan(p: CreatePlan, writers: list[ImageWriter], made: list[str]) -> N
             for off, n in p.data_zero_writes:
                 _write_zeros(dw, off, n)
             _fill(dw, p.data_fill)
-            dw.sync()
+            if sync:
+                dw.sync()
         _fill(w, p.fill)
         for off, n in p.zero_writes:
             _write_zeros(w, off, n)
@@ -315,9 +319,11 @@ def _write_plan(p: CreatePlan, writers: list[ImageWriter], made: list[str]) -> N
             if off + len(chunk) > p.file_length:
                 raise AssertionError(f"metadata at {off:#x} beyond the planned file end")
             w.pwrite(chunk, off)
-        w.sync()
+        if sync:
+            w.sync()
         w.pwrite(p.header, 0)
-        w.sync()
+        if sync:
+            w.sync()
     except BaseException:
         for wr in writers:
             wr.close()
@@ -368,11 +374,13 @@ def prepare(req: CreateRequest) -> Prepared:
 def create(filename: str, size: int | str | None = None, *,
            options: Mapping[str, object] | Sequence[str] = (),
            backing_file: str | None = None, backing_fmt: str | None = None,
-           unsafe: bool = False) -> CreatePlan:
+           unsafe: bool = False, sync: bool = True) -> CreatePlan:
     """Create ``filename`` like ``qemu-img create -f qcow2`` and return what was written.
 
     ``options`` are qemu-img's ``-o`` options, either as ``-o`` strings or as a
-    mapping (``{"cluster_size": 4096, "lazy_refcounts": True}``).
+    mapping (``{"cluster_size": 4096, "lazy_refcounts": True}``); ``unsafe`` is
+    qemu-img's ``-u`` (the backing file is not opened); ``sync=False`` leaves out
+    the fsyncs (see :func:`write_plan`).
     """
     if isinstance(options, Mapping):
         items = []
@@ -384,5 +392,5 @@ def create(filename: str, size: int | str | None = None, *,
         opt_lists = list(options)
     prepared = prepare(CreateRequest(filename, None if size is None else str(size), opt_lists,
                                      backing_file, backing_fmt, unsafe))
-    write_plan(prepared.plan)
+    write_plan(prepared.plan, sync=sync)
     return prepared.plan
