@@ -313,16 +313,18 @@ def test_unsafe_cache_writes_the_same_bytes_without_fsync(tmp_path, monkeypatch)
     counts, batches = {}, []
     for cache in ("writeback", "unsafe"):
         calls.clear()
-        with ImageBuilder(tmp_path / f"{cache}.qcow2", size, cluster_size=cs, batch_bytes=MiB,
-                          cache=cache, on_commit=batches.append) as b:
+        with ImageBuilder(tmp_path / f"{cache}.qcow2", size, cluster_size=cs,
+                          batch_bytes=256 * KiB, checkpoint_bytes=MiB, cache=cache,
+                          on_commit=batches.append) as b:
             expected = build(b, size, order, 3, 4)
         counts[cache] = len(calls)
         assert_valid_and_equal(tmp_path / f"{cache}.qcow2", bytes(expected))
     assert (tmp_path / "writeback.qcow2").read_bytes() == (tmp_path / "unsafe.qcow2").read_bytes()
     assert counts["unsafe"] == 0
-    per_build = len(batches) // 2
-    assert per_build >= 4
-    assert counts["writeback"] >= 2 * per_build     # each batch: data+refcounts, then L2 tables
+    checkpoints = len(batches) // 2
+    assert checkpoints >= 4
+    # create's two, then per checkpoint: data+refcounts, then L2 tables (L1 when it grew)
+    assert 2 + 2 * checkpoints <= counts["writeback"] <= 2 + 4 * checkpoints
     with pytest.raises(BuilderError, match="cache mode 'none'"):
         ImageBuilder(tmp_path / "x.qcow2", MiB, cache="none")
     assert not (tmp_path / "x.qcow2").exists()
@@ -380,8 +382,12 @@ cache = sys.argv[6]
 fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
 def commit(gcs):
     os.write(fd, ("\\n".join(map(str, gcs.tolist())) + "\\n").encode())
-with ImageBuilder(path, size, cluster_size=cs, batch_bytes=256 * 1024, on_commit=commit,
-                  cache=cache) as b:
+if len(sys.argv) > 7:   # a file size limit: writes past it fail with EFBIG
+    import resource, signal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[7]),) * 2)
+with ImageBuilder(path, size, cluster_size=cs, batch_bytes=256 * 1024,
+                  checkpoint_bytes=1024 * 1024, on_commit=commit, cache=cache) as b:
     order = np.random.default_rng(seed).permutation(b.guest_clusters).tolist()
     build(b, size, order, seed, 4)
 '''
@@ -406,15 +412,17 @@ def _wait_stopped_or_done(proc: subprocess.Popen, timeout: float = 120) -> bool:
 
 
 @pytest.mark.parametrize("stop_at,cache", [
-    *((n, "writeback") for n in (1, 2, 3, 4, 7, 12, 20, 33, 50, 75, 100, 103, 105, 107, 109,
-                                 120, 139, 400)),
-    *((n, "unsafe") for n in (2, 33, 104, 108, 400))])
+    *((n, "writeback") for n in (1, 2, 3, 4, 5, 7, 12, 20, 33, 50, 75, 100, 137, 138, 139, 140,
+                                 141, 160, 180, 400)),
+    *((n, "unsafe") for n in (2, 33, 138, 140, 400))])
 def test_sigkill_leaves_a_valid_image_with_the_committed_data(tmp_path, stop_at, cache):
-    """16 MiB of shuffled data, compressed and zero 512-byte clusters (the refcount table
-    grows on the way, past 8 MiB of file, around steps 100-110; 400 is past the end),
-    killed after step ``stop_at``: qemu-img check finds no corruption, every committed
-    cluster reads back, every other reads as zeros or as written.  With cache="unsafe"
-    (no fsync) the same holds after a killed process: the page cache keeps the order."""
+    """16 MiB of shuffled data, compressed and zero 512-byte clusters, in 256 KiB batches
+    (a step each) and checkpoints (steps 2 to 4; one after every batch here, as each
+    adds refcount blocks to the table), killed after step ``stop_at``.  The refcount table
+    moves after step 138 (the header points at it in step 139); the build ends at step
+    181.  qemu-img check finds no corruption, every committed cluster reads back, every
+    other reads as zeros or as written.  With cache="unsafe" (no fsync) the same holds
+    after a killed process: the page cache keeps the order."""
     path, log = tmp_path / "crash.qcow2", tmp_path / "commits.log"
     env = dict(os.environ, QCOW2KIT_WRITER_STOP_AT=str(stop_at),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -428,23 +436,46 @@ def test_sigkill_leaves_a_valid_image_with_the_committed_data(tmp_path, stop_at,
         proc.wait()
     if not stopped:
         assert proc.returncode == 0
+    _assert_committed_data_survives(tmp_path, path, log, finished=not stopped)
+
+
+def test_a_write_error_mid_batch_commits_nothing_of_that_batch(tmp_path):
+    """A file size limit (RLIMIT_FSIZE: the kernel refuses writes past 5 MiB with EFBIG)
+    stops the build in the middle of a batch.  The builder leaves the ``with`` block by
+    the exception, commits none of the half-written batch, and the image is still valid
+    with every committed cluster in it."""
+    path, log = tmp_path / "efbig.qcow2", tmp_path / "commits.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cs = 4096     # one refcount block covers 8 MiB: several batches between checkpoints
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(path), str(log), str(CRASH_SIZE),
+                           str(cs), str(CRASH_SEED), "writeback", str(5 * MiB)], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "File too large" in proc.stderr, proc.stderr
+    assert path.stat().st_size <= 5 * MiB
+    committed = _assert_committed_data_survives(tmp_path, path, log, finished=False, cs=cs)
+    assert len(committed) > 500
+
+
+def _assert_committed_data_survives(tmp_path: Path, path: Path, log: Path, finished: bool,
+                                    cs: int = CRASH_CS) -> set[int]:
     chk = qemu_check(path)
     assert chk.returncode in (0, 3), chk.stdout + chk.stderr
     raw = tmp_path / "out.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(path), str(raw)], check=True)
-    got = np.frombuffer(raw.read_bytes(), dtype=np.uint8).reshape(-1, CRASH_CS)
+    got = np.frombuffer(raw.read_bytes(), dtype=np.uint8).reshape(-1, cs)
     committed = {int(x) for x in log.read_text().split()} if log.exists() else set()
     kinds = {gc: _h["cluster_kind"](gc, CRASH_SEED, 4) for gc in range(got.shape[0])}
     for gc in range(got.shape[0]):
-        want = _h["cluster_data"](gc, CRASH_CS, CRASH_SEED) if kinds[gc] in (0, 1) else None
+        want = _h["cluster_data"](gc, cs, CRASH_SEED) if kinds[gc] in (0, 1) else None
         have = got[gc].tobytes()
         if gc in committed and want is not None:
             assert have == want, f"committed cluster {gc} does not read back"
         elif not (want is not None and have == want):
             assert not any(have), f"cluster {gc} holds bytes never written there"
-    if not stopped:   # the build finished: everything is there, in a grown refcount table
+    if finished:   # the build finished: everything is there, in a grown refcount table
         assert len(committed) == sum(1 for k in kinds.values() if k != 3)
         assert header_of(path)["refcount_table_clusters"] > 1
+    return committed
 
 
 # --------------------------------------------------------------------------- property test
