@@ -57,8 +57,8 @@ _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 # struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
 _FLOCK = "hhxxxxqqixxxx"
-# errors that mean "this file system has no such locks": read without them, as QEMU's
-# locking=auto does
+# errors that mean "this file system has no such locks" (NFS without a lock manager, a kernel
+# without OFD locks): read without them (qemu-img fails there; README, Known limits)
 _NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS}
 
 

@@ -74,14 +74,16 @@ class Image:
     def open(cls, path: str | os.PathLike[str], *, source: SourceKind = "pread",
              follow_backing: bool = True, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
              max_backing_depth: int = spec.MAX_BACKING_DEPTH, force_share: bool = False,
-             consistent_read: bool = True) -> "Image":
+             consistent_read: bool = True, locking: bool = True) -> "Image":
         """Open ``path`` read-only, lock it as qemu-img does, and validate its header."""
         path = os.fspath(path)
         src = open_source(path, source)
-        locks = ReadLocks(force_share=force_share, consistent_read=consistent_read)
+        locks = (ReadLocks(force_share=force_share, consistent_read=consistent_read)
+                 if locking else None)
         opened_as = f"Could not open '{path}': "
         try:
-            locks.lock(src.fileno(), path, "qcow2", opened_as)
+            if locks is not None:
+                locks.lock(src.fileno(), path, "qcow2", opened_as)
             return cls(src, filename=path, follow_backing=follow_backing, source_kind=source,
                        l2_cache_bytes=l2_cache_bytes, max_backing_depth=max_backing_depth,
                        _locks=locks, _opened_as=opened_as)
@@ -404,7 +406,7 @@ class Image:
 def open(path: str | os.PathLike[str], *, source: SourceKind = "pread",  # noqa: A001 - like io.open
          follow_backing: bool = True, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
          max_backing_depth: int = spec.MAX_BACKING_DEPTH, force_share: bool = False,
-         consistent_read: bool = True) -> Image:
+         consistent_read: bool = True, locking: bool = True) -> Image:
     """Open a qcow2 image read-only, take QEMU's image locks, and validate its header.
 
     ``source``: ``"pread"`` (default) or ``"mmap"``, how files are read.
@@ -425,7 +427,10 @@ def open(path: str | os.PathLike[str], *, source: SourceKind = "pread",  # noqa:
     with a :class:`~qcow2kit.locks.ForceShareWarning` when another process
     holds the image for writing.  ``consistent_read=False``: do not hold
     "consistent read" (as ``qemu-img info``, which only looks at metadata).
+    ``locking=False``: take no locks at all (QEMU's ``file.locking=off``), for a
+    caller that holds the image's locks already, e.g. through its own writer.
     """
     return Image.open(path, source=source, follow_backing=follow_backing,
                       l2_cache_bytes=l2_cache_bytes, max_backing_depth=max_backing_depth,
-                      force_share=force_share, consistent_read=consistent_read)
+                      force_share=force_share, consistent_read=consistent_read,
+                      locking=locking)

@@ -144,7 +144,8 @@ def build(path: str | os.PathLike[str], *, memory: int = 32 << 20) -> RmapInfo:
         _check_buildable(img)
     if _has_ext(path):
         drop(path)  # first, so old map data can never be mistaken for the new map
-    with ImageWriter(path) as w, Image.open(path, follow_backing=True) as img:
+    # our own writer holds the image's locks: the reader takes none (they would conflict)
+    with ImageWriter(path) as w, Image.open(path, follow_backing=True, locking=False) as img:
         c = _compute(img, memory)
         widths = (width(c.max_gap), width(c.max_guest), width(c.max_count))
         cs = img.cluster_size
@@ -239,7 +240,7 @@ def drop(path: str | os.PathLike[str]) -> bool:
     """Remove the reverse map: clear the bit, remove the extension, truncate. False if none."""
     path = os.fspath(path)
     with ImageWriter(path) as w:
-        with Image.open(path, follow_backing=False) as img:
+        with Image.open(path, follow_backing=False, locking=False) as img:   # w holds the locks
             ext_off, data = read_extension(img)
             auto = img.header.autoclear_features
             v3 = img.header.version >= 3   # a v2 header has no autoclear field at 88
