@@ -193,11 +193,10 @@ class ReadLocks:
         except OSError as exc:
             if exc.errno in _NO_LOCKING:
                 return
-            if exc.errno in (errno.EAGAIN, errno.EACCES):  # a non-QEMU write lock
-                raise ImageLockedError(f"{opened_as}Failed to lock byte "
-                                       f"{_failed_byte(fd, held, refused)}",
-                                       path=path) from exc
-            raise ImageLockedError(f"{opened_as}Failed to lock the image: {exc.strerror}",
+            # a byte someone holds a write lock on (not QEMU: it takes read locks only)
+            why = "" if exc.errno in (errno.EAGAIN, errno.EACCES) else f": {exc.strerror}"
+            raise ImageLockedError(f"{opened_as}Failed to lock byte "
+                                   f"{_failed_byte(fd, held, refused)}{why}",
                                    path=path) from exc
         if reason is not None:
             raise LockConflictError(opened_as, reason, path)

@@ -254,34 +254,49 @@ def test_writer_holds_the_data_file(capsys, images, ours, theirs):
             assert err.endswith("Is another process using the image [shared.raw]?\n")
 
 
-HOLD_200 = """
+HOLD_BYTE = """
 import fcntl, os, struct, sys, time
-fd = os.open(sys.argv[1], os.O_RDONLY)
-# an OFD read lock on byte 200: "I refuse to share 'consistent read'"
-fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhxxxxqqixxxx", fcntl.F_RDLCK, 0, 200, 1, 0))
+fd = os.open(sys.argv[1], os.O_RDWR)
+kind = fcntl.F_WRLCK if sys.argv[3] == "write" else fcntl.F_RDLCK
+fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhxxxxqqixxxx", kind, 0, int(sys.argv[2]), 1, 0))
 print("locked", flush=True)
 time.sleep(600)
 """
+
+
+@contextmanager
+def byte_locked(path: Path, byte: int, kind: str) -> Iterator[None]:
+    """A plain process (not QEMU) holding an OFD ``kind`` ("read"/"write") lock on ``byte``."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_BYTE, str(path), str(byte), kind],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.parametrize("ours,theirs", COMMANDS, ids=IDS)
 def test_someone_refuses_consistent_read(capsys, images, ours, theirs):
     """qemu-img info claims no "consistent read" (it opens without I/O), the data readers do:
     against a process that refuses to share it, info works and the others fail, even with -U."""
-    path = images / "img.qcow2"
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_200, str(path)], stdout=subprocess.PIPE,
-                            text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+    with byte_locked(images / "img.qcow2", SHARED + READ, "read"):  # refuses consistent read
         for force_share in (False, True):
             rc, err, _ = compare(capsys, images, ours, theirs, "img.qcow2", force_share)
             if ours[0] == "info":
                 assert rc == 0
             else:
                 assert rc == 1 and 'Failed to get "consistent read" lock' in err
-    finally:
-        proc.kill()
-        proc.wait()
+
+
+@pytest.mark.parametrize("ours,theirs", COMMANDS, ids=IDS)
+def test_someone_write_locks_a_lock_byte(capsys, images, ours, theirs):
+    """A write lock on byte 100 (no QEMU takes one) makes the lock itself fail: qemu-img says
+    'Failed to lock byte 100' (info, which takes no byte 100, does not care)."""
+    with byte_locked(images / "img.qcow2", PERM + READ, "write"):
+        rc, err, _ = compare(capsys, images, ours, theirs, "img.qcow2")
+        assert rc == 0 if ours[0] == "info" else err.endswith("Failed to lock byte 100\n")
 
 
 # ----------------------------------------------------------------- the other way: we hold it
@@ -402,3 +417,32 @@ def test_json_info_with_force_share_is_qemu_img_s(capsys, images):
             os.chdir(cwd)
         assert rc == 0 and json.loads(out) == json.loads(q.stdout)
         _warned(err, "img.qcow2")
+
+
+def test_create_over_a_backing_file_a_writer_holds(capsys, images):
+    """qemu-img create opens the backing file shared and without I/O: it works while a VM
+    writes to the backing file, and so does qcow2kit create (the same bytes)."""
+    with holding("qemu-io", images / "img.qcow2"):
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "img.qcow2", "-F", "qcow2", "theirs.qcow2",
+                 cwd=images)
+        cwd = os.getcwd()
+        os.chdir(images)
+        try:
+            rc, _, err = cli_in_process(capsys, "create", "-q", "-f", "qcow2", "-b", "img.qcow2",
+                                        "-F", "qcow2", "ours.qcow2")
+        finally:
+            os.chdir(cwd)
+        assert (rc, err) == (0, "")
+    assert same_file(images / "ours.qcow2", images / "theirs.qcow2")
+
+
+def test_open_guest_takes_the_locks(images):
+    path = images / "img.qcow2"
+    with qcow2kit.open_guest(path) as f:
+        assert f.read(4) == b"\x11" * 4
+        assert 'Failed to get "write" lock' in _qemu_io_write(path).stderr
+    with holding("qemu-io", path):
+        with pytest.raises(LockConflictError):
+            qcow2kit.open_guest(path)
+        with pytest.warns(ForceShareWarning):
+            qcow2kit.open_guest(path, force_share=True).close()

@@ -64,9 +64,9 @@ def add_force_share_option(p: argparse.ArgumentParser, what: str = "the image") 
     """``-U``/``--force-share``, as every reading command of qemu-img has it."""
     p.add_argument("-U", "--force-share", action="store_true",
                    help=f"read {what} even while another process (a VM, qemu-nbd, qemu-io) "
-                        f"has it open for writing, as qemu-img -U: its locks are not "
-                        f"refused, and a warning says the data may be inconsistent (without "
-                        f"-U such an image is refused with qemu-img's message)")
+                        f"has it open for writing, as qemu-img -U does; the data may then be "
+                        f"inconsistent (a warning says so). Without -U such an image is "
+                        f"refused, with qemu-img's message")
 
 
 def open_for_reading(path: str, *, force_share: bool, follow_backing: bool = True,
