@@ -140,7 +140,9 @@ def _check_buildable(img: Image) -> None:
 def build(path: str | os.PathLike[str], *, memory: int = 32 << 20) -> RmapInfo:
     """Compute and persist the reverse map of ``path`` (replacing an existing one)."""
     path = os.fspath(path)
-    with Image.open(path, follow_backing=False) as img:
+    # a look before writing: the writer's locks below decide whether the image may be
+    # written (and say "in use"), so this look takes none
+    with Image.open(path, follow_backing=False, locking=False) as img:
         _check_buildable(img)
     if _has_ext(path):
         drop(path)  # first, so old map data can never be mistaken for the new map
@@ -232,7 +234,7 @@ def _publish_extension(w: ImageWriter, img: Image, ext: bytes) -> None:
 
 
 def _has_ext(path: str) -> bool:
-    with Image.open(path, follow_backing=False) as img:
+    with Image.open(path, follow_backing=False, locking=False) as img:   # see build()
         return read_extension(img)[1] is not None
 
 
