@@ -310,8 +310,12 @@ def test_open_image_keeps_qemu_writers_out(images):
     with qcow2kit.open(path) as img:
         w = _qemu_io_write(path)
         assert w.returncode == 1 and 'Failed to get "write" lock' in w.stderr, w.stderr
-        nbd = subprocess.run([QEMU_NBD, "--socket=/tmp/qcow2kit-locks-never", "-f", "qcow2",
-                              str(path)], capture_output=True, text=True, timeout=60)
+        sockdir = tempfile.mkdtemp(prefix="nbd", dir="/tmp")
+        try:
+            nbd = subprocess.run([QEMU_NBD, f"--socket={sockdir}/s", "-f", "qcow2", str(path)],
+                                 capture_output=True, text=True, timeout=60)
+        finally:
+            shutil.rmtree(sockdir, ignore_errors=True)
         assert nbd.returncode == 1 and 'Failed to get "write" lock' in nbd.stderr
         assert qemu_img("info", path).returncode == 0          # readers share
         assert qemu_img("map", path).returncode == 0
@@ -321,9 +325,10 @@ def test_open_image_keeps_qemu_writers_out(images):
     assert not lock_bytes(path)
 
 
-def test_open_chain_locks_every_file_until_close(images):
+@pytest.mark.parametrize("source", ["pread", "mmap"])
+def test_open_chain_locks_every_file_until_close(images, source):
     paths = [images / n for n in ("top.qcow2", "mid.qcow2", "base.qcow2")]
-    img = qcow2kit.open(paths[0])
+    img = qcow2kit.open(paths[0], source=source)
     img.chain()                    # backing files open when first needed (here: now)
     for p in paths:
         w = _qemu_io_write(p)
