@@ -517,7 +517,9 @@ def backing_virtual_size(path: str, fmt: str) -> tuple[int, str]:
                           option="backing_file", path=path) from None
     detected = "qcow2" if magic == spec.QCOW_MAGIC else "raw"
     if fmt == "qcow2" or (fmt == "" and detected == "qcow2"):
-        with Image.open(path, follow_backing=True) as img:
+        # qemu-img create opens the backing file shared and without I/O: no locks, so a
+        # backing file a VM is writing to is fine
+        with Image.open(path, follow_backing=True, locking=False) as img:
             img.chain()
             return img.size // 512 * 512, detected
     return (length + 511) // 512 * 512, detected

@@ -161,12 +161,15 @@ class GuestFile(io.RawIOBase):
 
 def open_guest(path: str | os.PathLike[str], *, source: SourceKind = "pread",
                follow_backing: bool = True, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
-               max_backing_depth: int = spec.MAX_BACKING_DEPTH) -> GuestFile:
+               max_backing_depth: int = spec.MAX_BACKING_DEPTH,
+               force_share: bool = False) -> GuestFile:
     """Open the qcow2 image ``path`` and return a :class:`GuestFile` that owns it.
 
-    The options are those of :func:`qcow2kit.open`; closing the file closes
-    the image and its backing chain.
+    The options are those of :func:`qcow2kit.open` (the image is locked as
+    qemu-img locks what it reads; ``force_share``: as qemu-img's ``-U``);
+    closing the file closes the image and its backing chain, releasing the locks.
     """
     img = _open_image(path, source=source, follow_backing=follow_backing,
-                      l2_cache_bytes=l2_cache_bytes, max_backing_depth=max_backing_depth)
+                      l2_cache_bytes=l2_cache_bytes, max_backing_depth=max_backing_depth,
+                      force_share=force_share)
     return GuestFile(img, owns_image=True)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from .errors import TargetError
 from .source import ByteSource
-from .writer import lock_for_writing
+from .locks import lock_for_writing
 
 if TYPE_CHECKING:
     from .image import Image

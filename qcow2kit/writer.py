@@ -1,11 +1,9 @@
 """The one place that modifies images: locked, ordered, fsync'd writes.
 
 :class:`ImageWriter` opens an image read-write only after taking QEMU's image
-locks (one-byte OFD locks, see QEMU's file-posix ``raw_apply_lock_bytes``):
-bytes 100 + i mean "I hold permission i", 200 + i "I refuse to share
-permission i" (i: 0 consistent read, 1 write, 2 write-unchanged, 3 resize).
-It holds read/write/resize and refuses others' write and resize, as a QEMU
-writer does, and refuses to go on when another process holds or refuses
+locks of a writer (:func:`qcow2kit.locks.lock_for_writing`): it holds
+consistent read, write and resize and refuses others' write and resize, as a
+QEMU writer does, and refuses to go on when another process holds or refuses
 those.  Every write is followed by ``fsync`` when asked, so callers can
 order data before metadata and metadata before the header.
 
@@ -16,68 +14,14 @@ step N, so a test can SIGKILL it at that exact point.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
-import struct
-from typing import Iterable, Sequence
+from typing import Sequence
 
-from .errors import ImageLockedError, Qcow2Error
-
-PERM_CONSISTENT_READ = 0
-PERM_WRITE = 1
-PERM_WRITE_UNCHANGED = 2
-PERM_RESIZE = 3
-LOCK_PERM_BASE = 100
-LOCK_SHARED_BASE = 200
+from .errors import Qcow2Error
+from .locks import HELD_BY_WRITER, REFUSED_BY_WRITER, lock_for_writing
 
 _IOV_MAX = 1024
-_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
-_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
-# struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
-_FLOCK = "hhxxxxqqixxxx"
-
-
-def _flock(fd: int, cmd: int, ltype: int, byte: int) -> int:
-    """One OFD lock call on ``byte``; returns the l_type the kernel answers."""
-    arg = struct.pack(_FLOCK, ltype, os.SEEK_SET, byte, 1, 0)
-    res = fcntl.fcntl(fd, cmd, arg)
-    return struct.unpack(_FLOCK, res)[0]
-
-
-def lock_conflicts(fd: int, held: Iterable[int], refused: Iterable[int]) -> list[str]:
-    """What other processes hold that conflicts with holding ``held`` and refusing ``refused``."""
-    names = {0: "consistent read", 1: "write", 2: "write unchanged", 3: "resize"}
-    out = []
-    for perm in held:   # does anyone refuse to share a permission we want?
-        if _flock(fd, _F_OFD_GETLK, fcntl.F_WRLCK, LOCK_SHARED_BASE + perm) != fcntl.F_UNLCK:
-            out.append(f"another process refuses to share '{names[perm]}'")
-    for perm in refused:  # does anyone hold a permission we refuse to share?
-        if _flock(fd, _F_OFD_GETLK, fcntl.F_WRLCK, LOCK_PERM_BASE + perm) != fcntl.F_UNLCK:
-            out.append(f"another process holds '{names[perm]}'")
-    return out
-
-
-HELD_BY_WRITER = (PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE)
-REFUSED_BY_WRITER = (PERM_WRITE, PERM_RESIZE)
-
-
-def lock_for_writing(fd: int, path: str) -> None:
-    """Take QEMU's locks of a writer on ``fd`` (held: consistent read, write, resize;
-    refused to others: write, resize); raise :class:`ImageLockedError` when another
-    process holds or refuses one of them.  Closing ``fd`` releases the locks."""
-    try:
-        for perm in HELD_BY_WRITER:
-            _flock(fd, _F_OFD_SETLK, fcntl.F_RDLCK, LOCK_PERM_BASE + perm)
-        for perm in REFUSED_BY_WRITER:
-            _flock(fd, _F_OFD_SETLK, fcntl.F_RDLCK, LOCK_SHARED_BASE + perm)
-        conflicts = lock_conflicts(fd, HELD_BY_WRITER, REFUSED_BY_WRITER)
-    except OSError as exc:
-        raise ImageLockedError(f"{path}: cannot take the image locks: {exc.strerror} "
-                               f"(is a QEMU process using the image?)", path=path) from exc
-    if conflicts:
-        raise ImageLockedError(f"{path}: the image is in use ({'; '.join(conflicts)}); "
-                               f"stop the process using it first", path=path)
 
 
 class ImageWriter:

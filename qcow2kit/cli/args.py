@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-from typing import NoReturn
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 from ..units import qemu_strtosz
+
+if TYPE_CHECKING:
+    from ..image import Image
 
 EXIT_OK = 0
 EXIT_ERROR = 1      # what qemu-img returns for a failed info/convert
@@ -55,6 +58,63 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     """Options every command takes (also accepted before the command name)."""
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show a traceback on errors")
+
+
+def add_force_share_option(p: argparse.ArgumentParser, what: str = "the image") -> None:
+    """``-U``/``--force-share``, as every reading command of qemu-img has it."""
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help=f"read {what} even while another process (a VM, qemu-nbd, qemu-io) "
+                        f"has it open for writing, as qemu-img -U does; the data may then be "
+                        f"inconsistent (a warning says so). Without -U such an image is "
+                        f"refused, with qemu-img's message")
+
+
+def open_for_reading(path: str, *, force_share: bool, follow_backing: bool = True,
+                     metadata_only: bool = False) -> "Image":
+    """Open an image as qemu-img's reading commands do: locked, with its whole chain.
+
+    Every file of the chain (backing files, external data files) is opened and
+    locked now, so a file that is missing or used by a writer fails before any
+    output.  ``metadata_only`` opens as ``qemu-img info`` does: without the
+    "consistent read" permission, and only the image itself (its backing files
+    as they are asked for).
+    """
+    from ..image import Image
+
+    img = Image.open(path, follow_backing=follow_backing, force_share=force_share,
+                     consistent_read=not metadata_only)
+    if metadata_only:
+        return img
+    try:
+        for layer in img.chain():
+            if isinstance(layer, Image) and layer.header.has_data_file:
+                layer.data_source   # noqa: B018 - opens (and locks) the data file
+    except BaseException:
+        img.close()
+        raise
+    return img
+
+
+def run_showing_warnings(func: Callable[[argparse.Namespace], int],
+                         args: argparse.Namespace) -> int:
+    """Run a command; the library's :class:`~qcow2kit.locks.ForceShareWarning` (an image
+    read with -U while a writer has it) becomes one ``qcow2kit: warning:`` line on stderr."""
+    import warnings
+
+    from ..locks import ForceShareWarning
+    from .render.output import warning
+
+    def show(message: Warning | str, category: type[Warning], *rest: object) -> None:
+        if issubclass(category, ForceShareWarning):
+            warning(str(message))
+        else:
+            previous(message, category, *rest)   # type: ignore[arg-type]
+
+    with warnings.catch_warnings():
+        previous = warnings.showwarning
+        warnings.simplefilter("always", ForceShareWarning)
+        warnings.showwarning = show   # type: ignore[assignment]
+        return func(args)
 
 
 INT64_MAX = (1 << 63) - 1

@@ -6,8 +6,8 @@ import argparse
 import os
 import textwrap
 
-from .args import (EXIT_OK, check_writable_dir, CommandError, help_formatter, OptionError,
-                   parse_memory, parse_size)
+from .args import (EXIT_OK, add_force_share_option, check_writable_dir, CommandError,
+                   help_formatter, open_for_reading, OptionError, parse_memory, parse_size)
 from .render.output import emit
 from .render.reports import plain_json, render_bench_order_human
 
@@ -58,12 +58,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="memory budget for planning (default 32M)")
     o.add_argument("--max-request", default="1M", metavar="SIZE",
                    help="largest single read (default 1M, at least 512)")
+    add_force_share_option(o)
     o.add_argument("filename", help="the image")
     o.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import image as image_mod
     from ..benchorder import bench_order, plot_order
     from ..diskmodel import DiskModel
     from .cache import make_cold
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                              maximum=1 << 30)
     if args.plot:
         check_writable_dir(args.plot, "--plot")
-    with image_mod.Image.open(args.filename) as img:
+    with open_for_reading(args.filename, force_share=args.force_share) as img:
         result = bench_order(img, model=model, memory=memory, max_request=max_request,
                              measure=not args.no_measure,
                              plot_points=20000 if args.plot else 0,

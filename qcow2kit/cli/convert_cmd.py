@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from .args import (EXIT_OK, help_formatter, parse_count, parse_memory)
+from .args import (EXIT_OK, add_force_share_option, help_formatter, open_for_reading, parse_count,
+                   parse_memory)
 from .render.output import progress_bar
 
 
@@ -55,19 +56,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fsync", action="store_true",
                    help="flush DST to disk before exiting (qemu-img convert does not: its "
                         "target cache mode is 'unsafe')")
+    add_force_share_option(p, "SRC")
     p.add_argument("src", help="the qcow2 image to read")
     p.add_argument("dst", help="the raw file to write")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import image as image_mod
     from ..convert import MAX_INFLIGHT, convert_to_raw
 
     # Every option is checked before any file is opened.
     memory = parse_memory(args.memory)
     inflight = parse_count(args.inflight, "number of reads in flight (-m)", 1, MAX_INFLIGHT)
-    with image_mod.Image.open(args.src) as img:
+    with open_for_reading(args.src, force_share=args.force_share) as img:
         with progress_bar(enabled=args.progress, what="converted: read and wrote",
                                  of_size=img.size) as bar:
             convert_to_raw(img, args.dst, progress=bar, on_total=bar.start, order=args.order,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from .args import (EXIT_OK, help_formatter)
+from .args import (EXIT_OK, add_force_share_option, help_formatter, open_for_reading)
 from .render.output import emit
 
 
@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="show every image of the backing chain, top first")
     p.add_argument("-f", "--format", choices=["qcow2"], default="qcow2",
                    help="image format (only qcow2)")
+    add_force_share_option(p)
     p.add_argument("filename", help="the image")
     p.set_defaults(func=run)
 
@@ -38,12 +39,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from .render.info import render_info_chain_human, render_info_human
     from .render.qemujson import to_qemu_json
-    from .. import image as image_mod
     from ..info import chain_info, image_info
+    from ..locks import LockConflictError
 
-    with image_mod.Image.open(args.filename, follow_backing=args.backing_chain) as img:
+    # Locked as qemu-img info locks: without "consistent read" (it opens without I/O),
+    # refusing to share "write" and "resize"; the backing chain is not opened
+    # unless --backing-chain asks for it.
+    with open_for_reading(args.filename, force_share=args.force_share, metadata_only=True,
+                          follow_backing=args.backing_chain) as img:
         if args.backing_chain:
-            infos = chain_info(img)
+            try:
+                infos = chain_info(img)
+            except LockConflictError as exc:
+                # qemu-img info --backing-chain opens each image on its own: the error
+                # names the backing file as the image it could not open
+                raise LockConflictError(f"Could not open '{exc.path}': ", exc.reason,
+                                        exc.path or "") from None
             if args.output == "json":
                 emit(to_qemu_json(infos) + "\n")
             else:

@@ -21,6 +21,7 @@ from ..errors import Qcow2Error
 from . import bench_cmd, convert_cmd, create_cmd, demo_cmd, info_cmd, map_cmd, rmap_cmd
 from .args import (EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM, add_common_options, CommandError,
                    help_formatter, OptionError, Parser, Terminated, UsageError)
+from .args import run_showing_warnings
 from .render.output import error as print_error
 
 
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return func(args)
+        return run_showing_warnings(func, args)
     except (Qcow2Error, CommandError, OSError) as exc:
         if debug:
             raise

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from .args import (EXIT_OK, CommandError, help_formatter, OptionError, parse_memory, parse_size)
+from .args import (EXIT_OK, add_force_share_option, CommandError, help_formatter, open_for_reading,
+                   OptionError, parse_memory, parse_size)
 from .render.output import emit_chunks
 
 
@@ -51,20 +52,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true",
                    help="with --order=host, also list the extents that hold no data "
                         "(after the data extents, in guest order)")
+    add_force_share_option(p)
     p.add_argument("filename", help="the image")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from .render.map import map_human_chunks, map_json_chunks   # numpy tables: only for map
-    from .. import image as image_mod
     from ..mapping import layer_filenames, map_batches
 
     start = parse_size(args.start_offset, "start offset")
     max_length = (parse_size(args.max_length, "length") if args.max_length is not None
                   else None)
     memory = parse_memory(args.memory)
-    with image_mod.Image.open(args.filename) as img:
+    with open_for_reading(args.filename, force_share=args.force_share) as img:
         if args.order == "host":
             from ..hostorder import map_host_order
             batches = map_host_order(img, start, max_length, memory=memory,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from .args import (EXIT_ERROR, EXIT_OK, help_formatter, parse_memory)
+from .args import (EXIT_ERROR, EXIT_OK, add_force_share_option, help_formatter, open_for_reading,
+                   OptionError, parse_memory)
 from .render.output import emit
 from .render.reports import plain_json, render_rmap_human
 
@@ -42,16 +43,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="output format (default: human)")
     p.add_argument("--memory", default="32M", metavar="SIZE",
                    help="memory budget for computing the map (default 32M)")
+    add_force_share_option(p, "the image (show and verify only)")
     p.add_argument("filename", help="the image")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import image as image_mod
     from ..rmap import build as rmap_build
     from ..rmap import format as rmap_format
 
     memory = parse_memory(args.memory)
+    if args.force_share and args.action in ("build", "drop"):
+        raise OptionError(f"-U/--force-share only applies to show and verify ({args.action} "
+                          f"writes to the image)")
     result: dict = {"filename": args.filename, "action": args.action}
     rc = EXIT_OK
     if args.action == "build":
@@ -60,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "drop":
         result["dropped"] = rmap_build.drop(args.filename)
     else:
-        with image_mod.Image.open(args.filename, follow_backing=args.action == "verify") as img:
+        with open_for_reading(args.filename, force_share=args.force_share,
+                              follow_backing=args.action == "verify") as img:
             info = rmap_format.status(img)
             if info.valid:
                 info.extra["units"] = sum(int(c.sum()) for _, _, c in rmap_format.records(img, info))

@@ -21,6 +21,7 @@ from .. import spec
 from .. import tables as T
 from ..errors import UnsupportedFeatureError, located
 from ..layout import header as H
+from ..locks import ReadLocks, Role
 from ..source import ByteSource, SourceKind, closed_error, open_source
 from . import compressed
 from .bitmaps import Bitmap, read_bitmaps
@@ -45,8 +46,11 @@ class Image:
                  follow_backing: bool = True, source_kind: SourceKind = "pread",
                  l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
                  max_backing_depth: int = spec.MAX_BACKING_DEPTH,
-                 _chain: tuple[str, ...] = ()) -> None:
+                 _chain: tuple[str, ...] = (), _locks: ReadLocks | None = None,
+                 _opened_as: str = "") -> None:
         self.src = src
+        self._locks = _locks          # how the files of the chain are locked (None: not)
+        self._opened_as = _opened_as  # QEMU's words for what was being opened, for errors
         self.filename = filename if filename is not None else src.path
         with located(self.filename):
             self.header = read_header(src)
@@ -71,13 +75,20 @@ class Image:
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, source: SourceKind = "pread",
              follow_backing: bool = True, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
-             max_backing_depth: int = spec.MAX_BACKING_DEPTH) -> "Image":
-        """Open ``path`` read-only and validate its header."""
+             max_backing_depth: int = spec.MAX_BACKING_DEPTH, force_share: bool = False,
+             consistent_read: bool = True, locking: bool = True) -> "Image":
+        """Open ``path`` read-only, lock it as qemu-img does, and validate its header."""
         path = os.fspath(path)
         src = open_source(path, source)
+        locks = (ReadLocks(force_share=force_share, consistent_read=consistent_read)
+                 if locking else None)
+        opened_as = f"Could not open '{path}': "
         try:
+            if locks is not None:
+                locks.lock(src.fileno(), path, "qcow2", opened_as)
             return cls(src, filename=path, follow_backing=follow_backing, source_kind=source,
-                       l2_cache_bytes=l2_cache_bytes, max_backing_depth=max_backing_depth)
+                       l2_cache_bytes=l2_cache_bytes, max_backing_depth=max_backing_depth,
+                       _locks=locks, _opened_as=opened_as)
         except BaseException:
             src.close()
             raise
@@ -154,25 +165,40 @@ class Image:
         """The opened backing image (qcow2 or raw), or None."""
         self._check_open()
         if not self._backing_opened:
-            self._backing_opened = True
             if self._follow_backing and self.header.backing_file:
                 self._backing = self._open_backing()
+            self._backing_opened = True   # only once open: a failed open fails again next time
         return self._backing
 
     def _open_backing(self) -> "Image | RawImage":
         name = self.full_backing_filename
         assert name is not None
 
+        opened_as = self._opened_as + "Could not open backing file: "
+
         def open_qcow2(src: ByteSource, filename: str) -> Image:
+            self._lock(src, filename, "qcow2", opened_as)
             return Image(src, filename=filename, follow_backing=True,
                          source_kind=self._source_kind, l2_cache_bytes=self._l2.cache.budget,
-                         max_backing_depth=self._max_depth, _chain=self._chain)
+                         max_backing_depth=self._max_depth, _chain=self._chain,
+                         _locks=self._locks, _opened_as=opened_as)
 
         layer = open_backing(self.filename, name, self.header.backing_format,
                              self._ext_offset(spec.EXT_BACKING_FORMAT), self._chain,
                              self._max_depth, self._source_kind, open_qcow2)
         assert isinstance(layer, (Image, RawImage))
+        if isinstance(layer, RawImage):
+            self._lock(layer.src, name, "raw", opened_as)
         return layer
+
+    def _lock(self, src: ByteSource, path: str, role: Role, opened_as: str) -> None:
+        """Lock a file of the chain as this image's opener asked; close it if that fails."""
+        if self._locks is not None:
+            try:
+                self._locks.lock(src.fileno(), path, role, opened_as)
+            except BaseException:
+                src.close()
+                raise
 
     def _ext_offset(self, ext_type: int) -> int | None:
         ext = self.header.extension(ext_type)
@@ -196,9 +222,10 @@ class Image:
         if self._data_src is None:
             path = self.data_file_path
             assert path is not None
-            self._data_src = open_data_file(self.filename, path,
-                                            self._ext_offset(spec.EXT_DATA_FILE),
-                                            self._source_kind)
+            data_src = open_data_file(self.filename, path, self._ext_offset(spec.EXT_DATA_FILE),
+                                      self._source_kind)
+            self._lock(data_src, path, "data", self._opened_as)
+            self._data_src = data_src
         return self._data_src
 
     # -- metadata tables ---------------------------------------------------
@@ -388,8 +415,9 @@ class Image:
 
 def open(path: str | os.PathLike[str], *, source: SourceKind = "pread",  # noqa: A001 - like io.open
          follow_backing: bool = True, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
-         max_backing_depth: int = spec.MAX_BACKING_DEPTH) -> Image:
-    """Open a qcow2 image read-only and validate its header.
+         max_backing_depth: int = spec.MAX_BACKING_DEPTH, force_share: bool = False,
+         consistent_read: bool = True, locking: bool = True) -> Image:
+    """Open a qcow2 image read-only, take QEMU's image locks, and validate its header.
 
     ``source``: ``"pread"`` (default) or ``"mmap"``, how files are read.
     ``follow_backing``: open the backing chain when unallocated data is read
@@ -397,6 +425,22 @@ def open(path: str | os.PathLike[str], *, source: SourceKind = "pread",  # noqa:
     table cache's budget per image.  ``max_backing_depth``: the longest
     backing chain accepted.  A missing file raises :class:`ImageNotFoundError`
     (a :class:`FileNotFoundError` too).
+
+    Every file of the chain (the image, its backing files when they are
+    opened, its external data file) is locked as ``qemu-img`` locks what it
+    reads (:mod:`qcow2kit.locks`): the image holds "consistent read" and
+    refuses to share "write" and "resize", so opening fails with
+    :class:`~qcow2kit.locks.LockConflictError` (an :class:`ImageLockedError`,
+    QEMU's message) while a QEMU process has it open for writing, and such a
+    process cannot open it for writing while it is open here.  ``close()``
+    releases the locks.  ``force_share``: refuse nothing (qemu-img's ``-U``),
+    with a :class:`~qcow2kit.locks.ForceShareWarning` when another process
+    holds the image for writing.  ``consistent_read=False``: do not hold
+    "consistent read" (as ``qemu-img info``, which only looks at metadata).
+    ``locking=False``: take no locks at all (QEMU's ``file.locking=off``), for a
+    caller that holds the image's locks already, e.g. through its own writer.
     """
     return Image.open(path, source=source, follow_backing=follow_backing,
-                      l2_cache_bytes=l2_cache_bytes, max_backing_depth=max_backing_depth)
+                      l2_cache_bytes=l2_cache_bytes, max_backing_depth=max_backing_depth,
+                      force_share=force_share, consistent_read=consistent_read,
+                      locking=locking)

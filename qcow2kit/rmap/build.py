@@ -143,11 +143,14 @@ def _check_buildable(img: Image) -> None:
 def build(path: str | os.PathLike[str], *, memory: int = 32 << 20) -> RmapInfo:
     """Compute and persist the reverse map of ``path`` (replacing an existing one)."""
     path = os.fspath(path)
-    with Image.open(path, follow_backing=False) as img:
+    # a look before writing: the writer's locks below decide whether the image may be
+    # written (and say "in use"), so this look takes none
+    with Image.open(path, follow_backing=False, locking=False) as img:
         _check_buildable(img)
     if _has_ext(path):
         drop(path)  # first, so old map data can never be mistaken for the new map
-    with ImageWriter(path) as w, Image.open(path, follow_backing=True) as img:
+    # our own writer holds the image's locks: the reader takes none (they would conflict)
+    with ImageWriter(path) as w, Image.open(path, follow_backing=True, locking=False) as img:
         c = _compute(img, memory)
         widths = (width(c.max_gap), width(c.max_guest), width(c.max_count))
         cs = img.cluster_size
@@ -247,7 +250,7 @@ def _publish_extension(w: ImageWriter, img: Image, ext: bytes) -> None:
 
 
 def _has_ext(path: str) -> bool:
-    with Image.open(path, follow_backing=False) as img:
+    with Image.open(path, follow_backing=False, locking=False) as img:   # see build()
         return read_extension(img)[1] is not None
 
 
@@ -255,7 +258,7 @@ def drop(path: str | os.PathLike[str]) -> bool:
     """Remove the reverse map: clear the bit, remove the extension, truncate. False if none."""
     path = os.fspath(path)
     with ImageWriter(path) as w:
-        with Image.open(path, follow_backing=False) as img:
+        with Image.open(path, follow_backing=False, locking=False) as img:   # w holds the locks
             ext_off, data = read_extension(img)
             auto = img.header.autoclear_features
             v3 = img.header.version >= 3   # a v2 header has no autoclear field

@@ -115,6 +115,12 @@ def error(message: str, stream: Any = None) -> None:
     _write_text(sys.stderr if stream is None else stream, f"{PROG}: {message}\n")
 
 
+def warning(message: str, stream: Any = None) -> None:
+    """One warning line on stderr, ``qcow2kit: warning: message`` (QEMU's warn_report shape)."""
+    import sys
+    _write_text(sys.stderr if stream is None else stream, f"{PROG}: warning: {message}\n")
+
+
 class progress_bar:  # noqa: N801 - used as a function: ``with progress_bar(n) as advance``
     """Context manager yielding ``advance(nbytes)``; shows a bar on stderr when
     ``enabled`` (tqdm), does nothing otherwise.
