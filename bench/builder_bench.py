@@ -9,12 +9,12 @@ temporary directory (under --workdir if given, removed unless --keep), then, --r
 alternating the order, each to a new file: `qcow2kit.builder.build_from_raw` in a child Python
 process with cache="unsafe" (no fsync, the order of the writes kept) and `qemu-img convert -O
 qcow2` of the same file (its defaults: zero detection, cache=unsafe: no flush at all); the
-builder with cache="writeback" (an fsync after each ordered step) and `qemu-img convert -t
+builder with cache="writeback" (an fsync at each checkpoint step) and `qemu-img convert -t
 writeback`; and `dd bs=8M` of the raw file (the floor: the same bytes read and written, no
 metadata, no zero detection).  `sync` before each run; wall time from start to exit of the
-child.  Then `qemu-img check` of the four images (must exit 0) and `qemu-img compare` of each
-with the raw file (must be equal), and prints the medians and the ratios builder/qemu-img at
-the same cache mode.
+child, and its CPU time (user + system, from wait4).  Then `qemu-img check` of the four
+images (must exit 0) and `qemu-img compare` of each with the raw file (must be equal), and
+prints the medians and the ratios builder/qemu-img at the same cache mode.
 """
 
 from __future__ import annotations
@@ -58,11 +58,17 @@ def _builder(out: Path, raw: Path, cache: str) -> list[str]:
             "build_from_raw(sys.argv[1], sys.argv[2], cache=sys.argv[3])", str(out), str(raw), cache]
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of one run of ``cmd``, after a ``sync``."""
     subprocess.run(["sync"], check=True)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    return time.perf_counter() - t0
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return wall, usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,12 +99,15 @@ def main(argv: list[str] | None = None) -> int:
                                               "status=none"], d / "copy.raw"),
         }
         times: dict[str, list[float]] = {k: [] for k in runs_spec}
+        cpu: dict[str, list[float]] = {k: [] for k in runs_spec}
         names = list(runs_spec)
         for r in range(args.repeat):
             for name in (names if r % 2 == 0 else names[::-1]):
                 cmd, out = runs_spec[name]
                 out.unlink(missing_ok=True)
-                times[name].append(timed(cmd))
+                wall, used = timed(cmd)
+                times[name].append(wall)
+                cpu[name].append(used)
         checks = {}
         for name, (_, img) in runs_spec.items():
             if name.startswith("dd"):
@@ -118,12 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             verdict = (f"  check exit {c['check_exit']}, compare exit {c['compare_exit']}"
                        f"  {c['check'][0] if c['check'] else ''}") if c else ""
             print(f"{k:32} median {med[k]:7.2f} s  runs {', '.join(f'{t:.2f}' for t in times[k])}"
-                  + verdict)
+                  f"  CPU median {statistics.median(cpu[k]):6.2f} s" + verdict)
         print(f"builder / qemu-img convert, both cache=unsafe (no flush): {ratio:.2f}x; "
               f"both cache=writeback (flushed): {ratio_wb:.2f}x")
         if args.json:
             Path(args.json).write_text(json.dumps({
-                "size": size, "times": times, "median": med, "ratio": ratio, "ratio_writeback": ratio_wb,
+                "size": size, "times": times, "cpu": cpu, "median": med, "ratio": ratio,
+                "ratio_writeback": ratio_wb,
                 "checks": checks,
                 "machine": platform.platform(), "cpus": os.cpu_count(),
                 "qemu_img": subprocess.run(["qemu-img", "--version"], capture_output=True,
