@@ -338,13 +338,16 @@ def test_persistent_bad_range_is_reported_exactly(patterned, tmp_path):
         res, _ = _copy(src, tmp_path / "lib.raw", backoff=0.001, max_chunk=1 * MiB)
         dst = tmp_path / "cli.raw"
         r = cli_process("convert", "-O", "raw", str(src), str(dst))
+        with Image.open(src) as opened, pytest.raises(CopyIncompleteError) as caught:
+            convert_to_raw(opened, tmp_path / "conv.raw", backoff=0.001)
+    assert [(f.offset, f.length) for f in caught.value.failed] == [(guest, 64 * KiB)]
     assert [(f.offset, f.length) for f in res.failed] == [(guest, 64 * KiB)]
     assert "Input/output error" in res.failed[0].error and res.stopped is None
     assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1
     assert f"guest {guest:#x}+0x10000 (" in r.stderr and "Input/output error" in r.stderr
     want = bytearray(ref.read_bytes())
     want[guest:guest + 64 * KiB] = bytes(64 * KiB)
-    for out in (tmp_path / "lib.raw", dst):      # everything else is there, the range is zeros
+    for out in (tmp_path / "lib.raw", dst, tmp_path / "conv.raw"):   # the rest is there
         assert out.read_bytes() == want
 
 
