@@ -175,6 +175,7 @@ class CopyJob:
         self._pending = 0
         self._stop = False
         self._fatal: BaseException | None = None
+        self._wake = threading.Event()      # set on stop: pauses (rate, backoff) end at once
 
     # ------------------------------------------------------------------ discard / cancel
 
@@ -206,6 +207,7 @@ class CopyJob:
         """Stop: no new task starts; :meth:`run` returns once the running ones end."""
         with self._cond:
             self._stop = True
+            self._wake.set()
             self._cond.notify_all()
 
     # ------------------------------------------------------------------ the job
@@ -284,6 +286,7 @@ class CopyJob:
                     if self._fatal is None:
                         self._fatal = exc
                     self._stop = True
+                    self._wake.set()
             finally:
                 with self._cond:
                     self._inflight -= task.read.cost
@@ -319,7 +322,7 @@ class CopyJob:
                     if self._can_split(task, f):
                         self._run_split(task)
                     return
-                time.sleep(self.backoff * (1 << (task.attempt - 1)))
+                self._wake.wait(self.backoff * (1 << (task.attempt - 1)))
                 with self._cond:
                     if self._stop:
                         return
@@ -373,6 +376,7 @@ class CopyJob:
         if f.side == "target" and isinstance(f.exc, OSError):
             self.result.stopped = f.exc
             self._stop = True
+            self._wake.set()
             self._cond.notify_all()
 
     def _attempt(self, task: Task) -> None:
@@ -380,7 +384,7 @@ class CopyJob:
         if self.rate is not None:
             delay = self.rate.reserve(read.cost)
             if delay > 0:
-                time.sleep(delay)
+                self._wake.wait(delay)
         try:
             data = read.fetch()
         except BaseException as exc:
