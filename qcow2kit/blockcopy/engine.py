@@ -29,6 +29,7 @@ zeros without any read (unallocated and zero clusters): nothing to do for a
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -175,6 +176,8 @@ class CopyJob:
         self._pending = 0
         self._stop = False
         self._fatal: BaseException | None = None
+        self._target_lock: contextlib.AbstractContextManager[object] = (
+            contextlib.nullcontext() if target.threadsafe else threading.Lock())
         self._wake = threading.Event()      # set on stop: pauses (rate, backoff) end at once
 
     # ------------------------------------------------------------------ discard / cancel
@@ -201,7 +204,8 @@ class CopyJob:
             while any(t.writing and t.overlaps(offset, end - offset) for t in self._live.values()):
                 self._cond.wait()
             self.result.discarded += end - offset
-        self.target.discard(offset, end - offset)
+        with self._target_lock:
+            self.target.discard(offset, end - offset)
 
     def cancel(self) -> None:
         """Stop: no new task starts; :meth:`run` returns once the running ones end."""
@@ -271,7 +275,8 @@ class CopyJob:
             if not runs:
                 return
             for a, n in runs:
-                self.target.write_zeroes(a, n, allocate=allocate)
+                with self._target_lock:
+                    self.target.write_zeroes(a, n, allocate=allocate)
 
     def _worker(self, q: "queue.Queue[Task | None]") -> None:
         while True:
@@ -417,13 +422,14 @@ class CopyJob:
             task.writing = True
         written = 0
         try:
-            for off, mv in writes:
-                for a, m in subtract(off, len(mv), cuts):
-                    self.target.write(a, mv[a - off:a - off + m])
-                    written += m
-            for off, m in zeros:
-                for a, k in subtract(off, m, cuts):
-                    self.target.write_zeroes(a, k)
+            with self._target_lock:
+                for off, mv in writes:
+                    for a, m in subtract(off, len(mv), cuts):
+                        self.target.write(a, mv[a - off:a - off + m])
+                        written += m
+                for off, m in zeros:
+                    for a, k in subtract(off, m, cuts):
+                        self.target.write_zeroes(a, k)
         except BaseException as exc:
             if retryable(exc):
                 raise _Failure(exc, "target") from exc

@@ -6,7 +6,7 @@ zeros there, whether data or not) and drops ranges (:meth:`CopyTarget.discard`:
 the guest reads zeros there afterwards).  ``zero_initialized`` says that what
 was never written reads as zeros (a new file, a new image), so the engine
 skips zero ranges altogether.  Methods are called from several worker threads
-at once, for ranges that never overlap.
+at once, for ranges that never overlap (one at a time unless ``threadsafe``).
 
 Opening the file safely (not the source, not in use by QEMU, removed again on
 failure) is :func:`qcow2kit.target.open_raw_target`'s job; :class:`RawFileTarget`
@@ -32,6 +32,8 @@ class CopyTarget:
     size: int
     #: what was never written reads as zeros
     zero_initialized: bool = False
+    #: methods may run in several threads at once (else the engine calls one at a time)
+    threadsafe: bool = True
 
     def write(self, offset: int, data: memoryview) -> None:
         raise NotImplementedError

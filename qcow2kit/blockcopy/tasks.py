@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -175,6 +176,7 @@ class GuestOrderReads(ReadSource):
 
     def start(self, want_total: bool = True) -> int:
         self.started = True
+        self._lock = threading.Lock()
         self.total = self.data_bytes()     # validates every table on the way
         return self.total
 
@@ -191,17 +193,19 @@ class GuestOrderReads(ReadSource):
                 pos += n
 
     def _read(self, pos: int, n: int) -> Read:
-        return Read([(pos, n, 0)], n, functools.partial(_read_guest, self.img, pos, n),
+        return Read([(pos, n, 0)], n, functools.partial(self._fetch, pos, n),
                     functools.partial(self._split, pos, n))
+
+    def _fetch(self, offset: int, length: int) -> memoryview:
+        buf = bytearray(length)
+        # Through the chain's L2 caches, which are not made for threads: one read at a time
+        # (the writes still run in parallel).
+        with self._lock:
+            self.img.readinto(offset, buf)
+        return memoryview(buf)
 
     def _split(self, pos: int, n: int, size: int) -> list[Read]:
         return [self._read(p, min(size, pos + n - p)) for p in range(pos, pos + n, size)]
-
-
-def _read_guest(img: Image, offset: int, length: int) -> memoryview:
-    buf = bytearray(length)
-    img.readinto(offset, buf)
-    return memoryview(buf)
 
 
 def read_source(img: Image, order: str = "host", **kw: int) -> ReadSource:
