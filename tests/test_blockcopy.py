@@ -208,7 +208,8 @@ def zero_gaps(tmp_path_factory) -> Path:
 def test_sparse_size_like_qemu(zero_gaps, tmp_path, sparse):
     ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
     run([QEMU_IMG, "convert", "-S", sparse, "-O", "raw", zero_gaps, theirs])
-    r = cli_process("convert", "-S", sparse, "-O", "raw", str(zero_gaps), str(ours))
+    r = cli_process("convert", "-S", sparse, "-m", "3", "-r", "1G", "-O", "raw", str(zero_gaps),
+                    str(ours))
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert same_file(ours, theirs)
     assert _seek_map(ours) == _seek_map(theirs)
