@@ -440,3 +440,54 @@ def test_discard_while_the_job_runs(patterned, tmp_path, order):
         want[off:off + n] = bytes(n)
     assert dst.read_bytes() == want
     assert res.copied < total
+
+
+class _GatedTarget(RawFileTarget):
+    """A raw file whose first write waits at a gate (so a test knows a write is under way)."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.first: tuple[int, int] | None = None
+
+    def write(self, offset: int, data: memoryview) -> None:
+        if self.first is None:
+            self.first = (offset, len(data))
+            self.entered.set()
+            assert self.gate.wait(30)
+        super().write(offset, data)
+
+
+@pytest.mark.qemu
+def test_discard_waits_for_a_write_under_way(patterned, tmp_path):
+    """A discard overlapping a write in progress returns only after that write, and the range
+    reads as zeros; a range no task has taken yet is never written."""
+    img, ref = patterned
+    dst = tmp_path / "g.raw"
+    with Image.open(img) as opened:
+        source = read_source(opened, "host", max_chunk=64 * KiB)
+        source.start()
+        with open_raw_target(dst, opened.size, source_files(opened)) as t:
+            target = _GatedTarget(t.fd, t.path, opened.size)
+            job = CopyJob(source, target, workers=1)
+            runner = threading.Thread(target=lambda: setattr(job, "outcome", job.run()))
+            runner.start()
+            assert target.entered.wait(30)
+            off, n = target.first
+            later = [(s, k) for s, k in _data_extents(img) if s + k <= off or s >= off + n][-1]
+            discarder = threading.Thread(target=lambda: (job.discard(off, n),
+                                                         job.discard(*later)))
+            discarder.start()
+            discarder.join(0.3)
+            blocked = discarder.is_alive()
+            target.gate.set()
+            discarder.join(30)
+            runner.join(30)
+    assert blocked, "discard returned while a write to its range was under way"
+    res = job.outcome
+    assert res.complete and res.discarded == n + later[1]
+    want = bytearray(ref.read_bytes())
+    for s, k in ((off, n), later):
+        want[s:s + k] = bytes(k)
+    assert dst.read_bytes() == want
