@@ -89,6 +89,11 @@ class OutOfBoundsError(CorruptImageError):
     """A read would go outside its file, or an offset overflows."""
 
 
+class ShortReadError(OutOfBoundsError):
+    """A read ended early: the file is shorter than when it was opened (or, through a
+    network or FUSE source, a read came back short).  May pass: a copy retries it."""
+
+
 class BackingChainError(Qcow2Error):
     """A backing file cannot be opened, the chain loops or is too deep."""
 
@@ -140,6 +145,15 @@ class ImageLockedError(Qcow2Error):
 
 class ReadOnlyImageError(Qcow2Error):
     """A write was attempted on an image opened read-only (or marked corrupt)."""
+
+
+class CopyIncompleteError(Qcow2Error):
+    """A copy ended, but some ranges could not be read or written (``failed``: a list of
+    :class:`qcow2kit.blockcopy.FailedRange`); everything else was copied."""
+
+    def __init__(self, message: str, failed: list[Any], *, path: str | None = None) -> None:
+        super().__init__(message, path=path)
+        self.failed = failed
 
 
 class TargetError(Qcow2Error):

@@ -314,33 +314,46 @@ def read_specs(plan: HostOrderPlan) -> Iterator[ReadSpec]:
                 yield ReadSpec(f, host + pos, min(max_request, rlen - pos), False, rs)
 
 
-def read_one(plan: HostOrderPlan, spec: ReadSpec) -> HostReadItem:
-    """Issue one pread of the plan and say where its bytes belong (thread-safe)."""
-    layer = plan.layers[spec.file]
+def spec_pieces(plan: HostOrderPlan, spec: ReadSpec) -> list[tuple[int, int, int]]:
+    """Where the bytes of one read belong, without reading: ``(guest, length, at)`` for each
+    guest range, ``at`` being its offset in the bytes :func:`read_one` returns for the
+    read (decompressed, for a compressed stream)."""
     rs = spec.runs
     if spec.compressed:
+        layer = plan.layers[spec.file]
         assert isinstance(layer, Image)
-        data = memoryview(layer.inflate(spec.host, spec.length))
         cpieces = []
         for k in range(rs.shape[0]):   # every piece of this one stream
             g = int(rs["guest"][k])
             skip = g - (g >> layer.cluster_bits << layer.cluster_bits)
-            glen = int(rs["length"][k])
-            cpieces.append((g, glen, data[skip:skip + glen]))
-        return HostReadItem(spec.file, spec.host, spec.length, cpieces)
-    src = layer.data_source if isinstance(layer, Image) else layer.src
-    lo, n = spec.host, spec.length
-    mv = memoryview(src.read_padded(lo, n, field="data cluster"))
-    hi = lo + n
+            cpieces.append((g, int(rs["length"][k]), skip))
+        return cpieces
+    lo, hi = spec.host, spec.host + spec.length
     hs = rs["host"].astype(np.int64)
     ls = rs["length"].astype(np.int64)
     pieces = []
     for k in np.flatnonzero((hs < hi) & (hs + ls > lo)).tolist():
         a = max(int(hs[k]), lo)
         b = min(int(hs[k] + ls[k]), hi)
-        g = int(rs["guest"][k]) + (a - int(hs[k]))
-        pieces.append((g, b - a, mv[a - lo:b - lo]))
-    return HostReadItem(spec.file, lo, n, pieces)
+        pieces.append((int(rs["guest"][k]) + (a - int(hs[k])), b - a, a - lo))
+    return pieces
+
+
+def read_spec(plan: HostOrderPlan, spec: ReadSpec) -> memoryview:
+    """The bytes of one read of the plan (decompressed for a compressed stream; thread-safe)."""
+    layer = plan.layers[spec.file]
+    if spec.compressed:
+        assert isinstance(layer, Image)
+        return memoryview(layer.inflate(spec.host, spec.length))
+    src = layer.data_source if isinstance(layer, Image) else layer.src
+    return memoryview(src.read_padded(spec.host, spec.length, field="data cluster"))
+
+
+def read_one(plan: HostOrderPlan, spec: ReadSpec) -> HostReadItem:
+    """Issue one pread of the plan and say where its bytes belong (thread-safe)."""
+    data = read_spec(plan, spec)
+    return HostReadItem(spec.file, spec.host, spec.length,
+                        [(g, n, data[at:at + n]) for g, n, at in spec_pieces(plan, spec)])
 
 
 def read_host_order(img: Image, start: int = 0, length: int | None = None, *,

@@ -15,7 +15,7 @@ import os
 import stat
 from typing import Literal
 
-from .errors import ImageNotFoundError, ImageOpenError, OutOfBoundsError, Qcow2Error
+from .errors import ImageNotFoundError, ImageOpenError, OutOfBoundsError, Qcow2Error, ShortReadError
 
 SourceKind = Literal["pread", "mmap"]
 
@@ -135,7 +135,7 @@ class PreadSource(ByteSource):
                 raise read_error(exc, self.path, offset + done, length - done) from exc
             self.reads += 1
             if not chunk:
-                raise OutOfBoundsError(f"{self.path}: file shrank while reading",
+                raise ShortReadError(f"{self.path}: file shrank while reading",
                                        offset=offset + done, path=self.path)
             chunks.append(chunk)
             done += len(chunk)
@@ -152,7 +152,7 @@ class PreadSource(ByteSource):
                 raise read_error(exc, self.path, offset + done, length - done) from exc
             self.reads += 1
             if n <= 0:
-                raise OutOfBoundsError(f"{self.path}: file shrank while reading",
+                raise ShortReadError(f"{self.path}: file shrank while reading",
                                        offset=offset + done, path=self.path)
             done += n
         self.bytes_read += length

@@ -36,7 +36,8 @@ NUMBERS = st.one_of(
 OPTIONS: dict[tuple[str, ...], tuple[list[str], list[str], bool]] = {
     ("map",): (["--start-offset", "--max-length", "--memory"],
                ["--output=json", "--order=host", "--all"], False),
-    ("convert",): (["--memory", "-m"], ["-p", "--order=guest", "--fsync"], True),
+    # (not -r: a rate of a few bytes per second is a valid, very long copy)
+    ("convert",): (["--memory", "-m", "-S"], ["-p", "--order=guest", "--fsync"], True),
     ("bench", "order"): (["--memory", "--max-request", "--model"],
                          ["--no-measure", "--output=json"], False),
     ("rmap", "show"): (["--memory"], ["--output=json"], False),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from .args import (EXIT_OK, add_force_share_option, help_formatter, open_for_reading, parse_count,
-                   parse_memory)
+from .args import (EXIT_OK, OptionError, add_force_share_option, help_formatter,
+                   open_for_reading, parse_count, parse_memory, parse_size)
 from .render.output import progress_bar
 
 
@@ -33,9 +33,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             guest order instead.  The output is the same either way.
             """),
         epilog=textwrap.dedent("""\
+            A read or write that fails with an I/O error is tried again a few times
+            (with a growing pause); a source range that keeps failing is left as
+            zeros in DST, the rest is copied, and the error names those ranges
+            (guest offset+length) and exits 1, keeping DST.  A target that keeps
+            failing (no space left) stops the copy with its error.
+
             examples:
               qcow2kit convert -O raw disk.qcow2 disk.raw
               qcow2kit convert -p -O raw overlay.qcow2 flat.raw
+              qcow2kit convert -m 16 -S 64k -r 100M -O raw disk.qcow2 disk.raw
             """))
     p.add_argument("-O", dest="output_format", default="raw", choices=["raw"],
                    help="output format (only raw, the default)")
@@ -51,8 +58,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="memory budget for planning the host-order reads (default 32M, "
                         "at least 64K)")
     p.add_argument("-m", dest="inflight", default="8", metavar="N",
-                   help="reads kept in flight in host order (1 to 64, default 8, as "
-                        "qemu-img's -m)")
+                   help="copy workers: reads and writes in flight, taken in host order "
+                        "(1 to 64, default 8, as qemu-img's -m)")
+    p.add_argument("-S", dest="sparse_size", default="4k", metavar="SIZE",
+                   help="zeros must fill this many consecutive bytes to be left as a hole "
+                        "(a multiple of 512 up to 16M, default 4k); 0 writes everything, so "
+                        "the output is fully allocated (qemu-img's -S)")
+    p.add_argument("-r", dest="rate_limit", default="0", metavar="RATE",
+                   help="read at most RATE bytes per second (k, M, G suffixes; 0, the "
+                        "default, means no limit; qemu-img's -r)")
     p.add_argument("--fsync", action="store_true",
                    help="flush DST to disk before exiting (qemu-img convert does not: its "
                         "target cache mode is 'unsafe')")
@@ -63,14 +77,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..convert import MAX_INFLIGHT, convert_to_raw
+    from ..blockcopy import MAX_MIN_SPARSE, MAX_WORKERS
+    from ..convert import convert_to_raw
 
     # Every option is checked before any file is opened.
     memory = parse_memory(args.memory)
-    inflight = parse_count(args.inflight, "number of reads in flight (-m)", 1, MAX_INFLIGHT)
+    inflight = parse_count(args.inflight, "number of reads in flight (-m)", 1, MAX_WORKERS)
+    sparse = parse_size(args.sparse_size, "sparse size (-S)", maximum=MAX_MIN_SPARSE)
+    if sparse % 512:
+        raise OptionError(f"invalid sparse size (-S) {args.sparse_size!r}: must be a multiple "
+                          f"of 512 up to {MAX_MIN_SPARSE} (0 turns sparse detection off)")
+    rate = parse_size(args.rate_limit, "rate limit (-r)")
     with open_for_reading(args.src, force_share=args.force_share) as img:
         with progress_bar(enabled=args.progress, what="converted: read and wrote",
                                  of_size=img.size) as bar:
             convert_to_raw(img, args.dst, progress=bar, on_total=bar.start, order=args.order,
-                           memory=memory, inflight=inflight, fsync=args.fsync)
+                           memory=memory, workers=inflight, fsync=args.fsync,
+                           min_sparse=sparse, rate_limit=rate or None)
     return EXIT_OK

@@ -148,7 +148,11 @@ class progress_bar:  # noqa: N801 - used as a function: ``with progress_bar(n) a
         return self.stream if self.stream is not None else sys.stderr
 
     def start(self, total: int) -> None:
-        """Set the total (bytes to be done) and show the bar."""
+        """Set the total (bytes to be done) and show the bar; again when it grows (retries)."""
+        if self._bar is not None:
+            self.total = self._bar.total = total
+            self._bar.refresh()
+            return
         self.total = total
         if self.enabled and self._bar is None:
             from tqdm import tqdm

@@ -1,0 +1,217 @@
+"""What the engine reads, in which order, and the tasks cut from it.
+
+A *read* (:class:`Read`) is one request to the source: one pread in host
+order (a :class:`qcow2kit.hostorder.ReadSpec` of the planner, a compressed
+stream included), or one guest range through the chain in guest order.  It
+knows, before it is issued, which guest ranges its bytes belong to.
+
+A *task* (:class:`Task`) is a read plus the guest ranges it still has to
+copy: the runs of set bits of the copy bitmap inside the read's ranges,
+cleared when the task is created (:meth:`CopyBitmap.take`), so tasks never
+overlap.  A read whose bits were all cleared (a discard came first) costs
+nothing.
+
+The reads come from the existing planner (:class:`qcow2kit.hostorder.HostOrderPlan`,
+a valid reverse map when there is one) or from the chain's block status in
+guest order; either way no longer than ``max_chunk``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..hostorder import HostOrderPlan, ReadSpec, read_spec, read_specs, spec_pieces
+from ..image import Image, block_status
+from ..mapping import DEFAULT_MEMORY, FLAG_DATA, FLAG_ZERO, check_memory, resolved_batches
+from .bitmap import CopyBitmap
+
+DEFAULT_CHUNK = 1 << 20
+
+Range = tuple[int, int]
+
+
+@dataclass
+class Read:
+    """One request to the source: ``cost`` bytes of buffer while it is in flight.
+
+    ``pieces`` lists ``(guest, length, at)``: guest bytes ``[guest, guest+length)``
+    are ``data[at:at+length]`` of what ``fetch()`` returns.
+    """
+
+    pieces: list[tuple[int, int, int]]
+    cost: int
+    fetch: Callable[[], memoryview]
+    #: ``split(size)``: the same bytes as reads of at most ``size`` bytes (None: one stream)
+    split: Callable[[int], list["Read"]] | None = None
+
+
+@dataclass
+class Task:
+    """A read and the guest ranges it copies (runs taken from the copy bitmap)."""
+
+    read: Read
+    ranges: list[Range]
+    attempt: int = 0
+    #: parts of ``ranges`` discarded since the task was created: never written
+    cancelled: list[Range] = field(default_factory=list)
+    writing: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, n in self.ranges)
+
+    def overlaps(self, offset: int, length: int) -> bool:
+        return any(a < offset + length and offset < a + n for a, n in self.ranges)
+
+
+def cut(bitmap: CopyBitmap, read: Read) -> Task | None:
+    """The task of ``read``: the set bits inside its guest ranges, taken (cleared) now."""
+    ranges: list[Range] = []
+    for g, n, _ in read.pieces:
+        ranges += bitmap.take(g, n)
+    return Task(read, ranges) if ranges else None
+
+
+def job_granularity(img: Image, max_chunk: int) -> int:
+    """The job cluster: the largest power of two dividing every boundary a read can have.
+
+    Reads start and end at (sub)cluster boundaries of each layer, at each
+    layer's end and at multiples of ``max_chunk``; so a bit of the copy bitmap
+    never belongs to two reads.
+    """
+    g = max_chunk
+    for layer in img.chain():
+        if isinstance(layer, Image):
+            unit = layer.cluster_size >> (5 if layer.header.extended_l2 else 0)
+            g = math.gcd(g, unit)
+        g = math.gcd(g, layer.size) if layer.size else g
+    return math.gcd(g, img.size) if img.size else g    # a power of two: max_chunk is one
+
+
+class ReadSource:
+    """The reads of an image in one order, planned (and its tables checked) by :meth:`start`."""
+
+    order: str
+
+    def __init__(self, img: Image, *, memory: int = DEFAULT_MEMORY,
+                 max_chunk: int = DEFAULT_CHUNK) -> None:
+        check_memory(memory)
+        if max_chunk < 4096 or max_chunk & (max_chunk - 1):
+            raise ValueError(f"max_chunk must be a power of two of at least 4096, not {max_chunk}")
+        self.img = img
+        self.memory = memory
+        self.max_chunk = max_chunk
+        self.total = 0
+        self.started = False
+
+    def start(self, want_total: bool = True) -> int:
+        """Plan; return the guest bytes of data to read (0 when not ``want_total`` and unknown)."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Read]:
+        raise NotImplementedError
+
+    def data_bytes(self) -> int:
+        """Guest bytes that hold data, through the whole chain (one scan of the tables)."""
+        total = 0
+        for runs in resolved_batches(self.img, memory=self.memory):
+            f = runs["flags"]
+            data = ((f & np.uint8(FLAG_DATA)) != 0) & ((f & np.uint8(FLAG_ZERO)) == 0)
+            total += int(runs["length"][data].sum())
+        return total
+
+
+class HostOrderReads(ReadSource):
+    """The planner's preads (:func:`qcow2kit.hostorder.read_specs`): each file front to back."""
+
+    order = "host"
+
+    def start(self, want_total: bool = True) -> int:
+        self.started = True
+        self.plan = HostOrderPlan(self.img, memory=self.memory, max_request=self.max_chunk)
+        specs = read_specs(self.plan)
+        # The first read of a merged plan comes only after every L2 table of the
+        # chain has been read and validated: a corrupt table stops us here.
+        first = next(specs, None)
+        plan = self.plan
+        self.total = (plan.stats.data_bytes if plan.source == "l2" and plan.strategy == "merge"
+                      else self.data_bytes() if want_total else 0)
+        self._specs: Iterator[ReadSpec] = (itertools.chain([first], specs) if first is not None
+                                           else iter(()))
+        return self.total
+
+    def __iter__(self) -> Iterator[Read]:
+        for spec in self._specs:
+            yield self._read(spec)
+
+    def _read(self, spec: ReadSpec) -> Read:
+        plan = self.plan
+        pieces = spec_pieces(plan, spec)
+        cost = spec.length + (sum(n for _, n, _ in pieces) if spec.compressed else 0)
+        return Read(pieces, cost, functools.partial(read_spec, plan, spec),
+                    None if spec.compressed else functools.partial(self._split, spec))
+
+    def _split(self, spec: ReadSpec, size: int) -> list[Read]:
+        out = []
+        for pos in range(0, spec.length, size):
+            sub = ReadSpec(spec.file, spec.host + pos, min(size, spec.length - pos), False,
+                           spec.runs)
+            read = self._read(sub)
+            if read.pieces:
+                out.append(read)
+        return out
+
+
+class GuestOrderReads(ReadSource):
+    """Guest order: the chain's data ranges one after another, read through the chain."""
+
+    order = "guest"
+
+    def start(self, want_total: bool = True) -> int:
+        self.started = True
+        self._lock = threading.Lock()
+        self.total = self.data_bytes()     # validates every table on the way
+        return self.total
+
+    def __iter__(self) -> Iterator[Read]:
+        img, chunk = self.img, self.max_chunk
+        # One walk of the chain (block_status streams it window by window).
+        for st in block_status(img, 0, img.size):
+            if not st.data:
+                continue
+            pos, end = st.guest, st.guest + st.length
+            while pos < end:
+                n = min(chunk - pos % chunk, end - pos)
+                yield self._read(pos, n)
+                pos += n
+
+    def _read(self, pos: int, n: int) -> Read:
+        return Read([(pos, n, 0)], n, functools.partial(self._fetch, pos, n),
+                    functools.partial(self._split, pos, n))
+
+    def _fetch(self, offset: int, length: int) -> memoryview:
+        buf = bytearray(length)
+        # Through the chain's L2 caches, which are not made for threads: one read at a time
+        # (the writes still run in parallel).
+        with self._lock:
+            self.img.readinto(offset, buf)
+        return memoryview(buf)
+
+    def _split(self, pos: int, n: int, size: int) -> list[Read]:
+        return [self._read(p, min(size, pos + n - p)) for p in range(pos, pos + n, size)]
+
+
+def read_source(img: Image, order: str = "host", **kw: int) -> ReadSource:
+    """The reads of ``img`` in ``order`` ("host" or "guest")."""
+    if order == "host":
+        return HostOrderReads(img, **kw)
+    if order == "guest":
+        return GuestOrderReads(img, **kw)
+    raise ValueError(f"order must be 'host' or 'guest', not {order!r}")
