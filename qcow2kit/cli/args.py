@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from ..units import qemu_strtosz
+
+if TYPE_CHECKING:
+    from ..image import SnapshotRef
 
 EXIT_OK = 0
 EXIT_ERROR = 1      # what qemu-img returns for a failed info/convert
@@ -97,6 +100,55 @@ def parse_memory(text: str) -> int:
         raise OptionError(f"invalid memory budget (--memory) {text!r}: must be at least 64K "
                            f"({MIN_MEMORY} bytes)")
     return value
+
+
+SNAPSHOT_OPT_PREFIX = "snapshot."
+SNAPSHOT_KEYS = ("snapshot.id", "snapshot.name")
+
+
+def parse_snapshot(values: list[str]) -> "str | SnapshotRef":
+    """``-l``'s values (the option may be repeated), as qemu-img convert reads them.
+
+    ``snapshot.id=ID,snapshot.name=NAME`` (either or both) becomes a
+    :class:`qcow2kit.image.SnapshotRef`, in QEMU's option syntax: ``,,`` is a
+    comma inside a value, a key given twice keeps its last value, a trailing
+    comma is ignored, and a key without ``=`` means ``KEY=on`` (``noKEY``:
+    ``KEY=off``).  Anything else is the short form, an id or a name (looked
+    up as an id first).  As in qemu-img, a long form given anywhere wins over
+    short forms; otherwise the last one counts.
+    """
+    from ..image import SnapshotRef
+    longs = [v for v in values if v.startswith(SNAPSHOT_OPT_PREFIX)]
+    if not longs:
+        return values[-1]
+    text = longs[-1]
+    found: dict[str, str] = {}
+    pos = 0
+    while pos < len(text):
+        key_end = len(text)
+        for stop in ("=", ","):
+            at = text.find(stop, pos)
+            if 0 <= at < key_end:
+                key_end = at
+        key = text[pos:key_end]
+        if key_end == len(text) or text[key_end] == ",":      # "KEY": implied on/off
+            value = "on"
+            if key.startswith("no"):
+                key, value = key[2:], "off"
+            pos = key_end + 1
+        else:
+            chars: list[str] = []
+            i = key_end + 1
+            while i < len(text) and not (text[i] == "," and not text.startswith(",,", i)):
+                chars.append(text[i])
+                i += 2 if text[i] == "," else 1
+            value = "".join(chars)
+            pos = i + 1
+        if key not in SNAPSHOT_KEYS:
+            raise OptionError(f"invalid snapshot (-l) {text!r}: unknown parameter {key!r} "
+                              f"(expected snapshot.id=ID and/or snapshot.name=NAME)")
+        found[key] = value
+    return SnapshotRef(id=found.get("snapshot.id"), name=found.get("snapshot.name"))
 
 
 def parse_count(text: str, what: str, lo: int, hi: int) -> int:
