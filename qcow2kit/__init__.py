@@ -13,18 +13,19 @@ from __future__ import annotations
 from .errors import (BackingChainError, BackingFileNotFoundError, CorruptImageError,
                      DataFileNotFoundError, ImageLockedError, ImageNotFoundError, ImageOpenError,
                      InvalidHeaderError, NotQcow2Error, OutOfBoundsError, Qcow2Error,
-                     ReadOnlyImageError, UnsupportedFeatureError)
+                     ReadOnlyImageError, SnapshotNotFoundError, UnsupportedFeatureError)
 from .guestio import GuestFile, open_guest
-from .image import Bitmap, Header, Image, RawImage, Segment, Snapshot, Status, open
+from .image import (Bitmap, Header, Image, RawImage, Segment, Snapshot, SnapshotRef, Status,
+                    open)
 from .tables import ClusterKind
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Image", "RawImage", "Header", "Snapshot", "Bitmap", "Segment", "Status", "ClusterKind",
+    "Image", "RawImage", "Header", "Snapshot", "SnapshotRef", "Bitmap", "Segment", "Status", "ClusterKind",
     "open", "GuestFile", "open_guest", "__version__",
     "Qcow2Error", "NotQcow2Error", "InvalidHeaderError", "CorruptImageError",
     "UnsupportedFeatureError", "OutOfBoundsError", "BackingChainError", "ImageLockedError",
     "ReadOnlyImageError", "ImageOpenError", "ImageNotFoundError", "BackingFileNotFoundError",
-    "DataFileNotFoundError",
+    "DataFileNotFoundError", "SnapshotNotFoundError",
 ]

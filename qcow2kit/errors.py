@@ -94,6 +94,10 @@ class ShortReadError(OutOfBoundsError):
     network or FUSE source, a read came back short).  May pass: a copy retries it."""
 
 
+class SnapshotNotFoundError(Qcow2Error, LookupError):
+    """No internal snapshot matches the id and/or name asked for (also a :class:`LookupError`)."""
+
+
 class BackingChainError(Qcow2Error):
     """A backing file cannot be opened, the chain loops or is too deep."""
 

@@ -159,6 +159,8 @@ class HostOrderPlan:
         """Plan from a valid reverse map when one covers everything, else from the L2 tables."""
         if not self.use_rmap:
             return "l2", "reverse map not requested"
+        if self.img.snapshot is not None:
+            return "l2", "reverse map not used: it maps the active L1 table, not a snapshot's"
         info = rmap_format.status(self.img)
         if not info.present:
             return "l2", "no reverse map"

@@ -314,6 +314,9 @@ def _errors_on(trigger: Path, served: Path):
         trigger.touch()
         fd = os.open(served, os.O_RDONLY)
         try:
+            # twice: a readahead still in flight at the first drop lands after it
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            time.sleep(0.2)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
@@ -325,23 +328,34 @@ def _errors_on(trigger: Path, served: Path):
 def test_transient_read_errors_are_retried(patterned, tmp_path):
     img, ref = patterned
     trigger = tmp_path / "trigger"
-    with _served(tmp_path, img, "--filter=error", "error-pread-rate=1",
-                 f"error-pread-file={trigger}") as src:
-        # every read fails until a failed task reports progress (the total grows by what is
-        # to be done again): then none does
-        total = sum(n for _, n in _data_extents(img))
-        res, _ = _copy(src, tmp_path / "a.raw", before=_errors_on(trigger, src), backoff=0.001,
-                       progress=lambda done, now: now > total and trigger.unlink(missing_ok=True))
-        assert res.complete and res.retries >= 1 and res.done == res.total
-        assert same_file(tmp_path / "a.raw", ref)
+    total = sum(n for _, n in _data_extents(img))
+    # Now and then (about one run in five here) no read fails at all: the data reached the
+    # kernel's cache of the FUSE file before the errors began, in a way the cache drops of
+    # _errors_on do not always undo.  Such a run proves nothing, so it is repeated on a
+    # fresh mount; every run must copy exactly, and one must have retried.
+
+    def until_retried(name: str, *filters: str, **kw) -> None:
+        retried = []
+        for attempt in range(6):
+            d = tmp_path / f"{name}{attempt}"
+            d.mkdir()
+            with _served(d, img, *filters, f"error-pread-file={trigger}") as src:
+                res, _ = _copy(src, d / "out.raw", before=_errors_on(trigger, src),
+                               backoff=0.001, **kw)
+                trigger.unlink(missing_ok=True)
+            assert res.complete and res.done == res.total
+            assert same_file(d / "out.raw", ref)
+            retried.append(res.retries)
+            if res.retries >= 1:
+                return
+        raise AssertionError(f"no read failed in {len(retried)} runs")
+
+    # every read fails until a failed task reports progress (the total grows by what is to
+    # be done again): then none does
+    until_retried("a", "--filter=error", "error-pread-rate=1",
+                  progress=lambda done, now: now > total and trigger.unlink(missing_ok=True))
     # then errors at random, one read in ten
-    (tmp_path / "b").mkdir()
-    with _served(tmp_path / "b", img, "--filter=error", "error-pread-rate=0.1",
-                 f"error-pread-file={trigger}") as src:
-        res, _ = _copy(src, tmp_path / "b.raw", before=_errors_on(trigger, src), backoff=0.001,
-                       retries=30)
-        assert res.complete and res.retries >= 1
-        assert same_file(tmp_path / "b.raw", ref)
+    until_retried("b", "--filter=error", "error-pread-rate=0.1", retries=30)
 
 
 @pytest.mark.qemu

@@ -37,7 +37,7 @@ OPTIONS: dict[tuple[str, ...], tuple[list[str], list[str], bool]] = {
     ("map",): (["--start-offset", "--max-length", "--memory"],
                ["--output=json", "--order=host", "--all"], False),
     # (not -r: a rate of a few bytes per second is a valid, very long copy)
-    ("convert",): (["--memory", "-m", "-S"], ["-p", "--order=guest", "--fsync"], True),
+    ("convert",): (["--memory", "-m", "-S", "-l"], ["-p", "--order=guest", "--fsync"], True),
     ("bench", "order"): (["--memory", "--max-request", "--model"],
                          ["--no-measure", "--output=json"], False),
     ("rmap", "show"): (["--memory"], ["--output=json"], False),

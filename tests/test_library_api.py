@@ -249,7 +249,8 @@ def test_open_has_typed_keyword_options():
     sig = inspect.signature(qcow2kit.open)
     params = sig.parameters
     assert list(params) == ["path", "source", "follow_backing", "l2_cache_bytes",
-                            "max_backing_depth", "force_share", "consistent_read", "locking"]
+                            "max_backing_depth", "force_share", "consistent_read", "locking",
+                            "snapshot", "snapshot_size"]
     for name in list(params)[1:]:
         assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
         assert params[name].annotation != "object"

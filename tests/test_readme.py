@@ -83,6 +83,7 @@ def test_readme_library_examples_run(tmp_path, monkeypatch, capsys):
     from qemu import QEMU_IMG, run
     fixtures = ROOT / "fixtures"
     shutil.copy(fixtures / "plain4k.qcow2", tmp_path / "disk.qcow2")
+    run([QEMU_IMG, "snapshot", "-c", "before-upgrade", tmp_path / "disk.qcow2"])
     shutil.copy(fixtures / "plain4k.qcow2", tmp_path / "plain4k.qcow2")
     shutil.copy(fixtures / "v2_overlay.qcow2", tmp_path / "overlay.qcow2")  # backing: plain4k
     bio = io.BytesIO()

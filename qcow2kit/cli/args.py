@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-from typing import TYPE_CHECKING, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from ..units import qemu_strtosz
 
 if TYPE_CHECKING:
-    from ..image import Image
+    from ..image import Image, SnapshotRef
 
 EXIT_OK = 0
 EXIT_ERROR = 1      # what qemu-img returns for a failed info/convert
@@ -70,19 +70,19 @@ def add_force_share_option(p: argparse.ArgumentParser, what: str = "the image") 
 
 
 def open_for_reading(path: str, *, force_share: bool, follow_backing: bool = True,
-                     metadata_only: bool = False) -> "Image":
+                     metadata_only: bool = False, **options: Any) -> "Image":
     """Open an image as qemu-img's reading commands do: locked, with its whole chain.
 
     Every file of the chain (backing files, external data files) is opened and
     locked now, so a file that is missing or used by a writer fails before any
     output.  ``metadata_only`` opens as ``qemu-img info`` does: without the
     "consistent read" permission, and only the image itself (its backing files
-    as they are asked for).
+    as they are asked for).  ``options`` go to :meth:`Image.open` (``snapshot``...).
     """
     from ..image import Image
 
     img = Image.open(path, follow_backing=follow_backing, force_share=force_share,
-                     consistent_read=not metadata_only)
+                     consistent_read=not metadata_only, **options)
     if metadata_only:
         return img
     try:
@@ -157,6 +157,55 @@ def parse_memory(text: str) -> int:
         raise OptionError(f"invalid memory budget (--memory) {text!r}: must be at least 64K "
                            f"({MIN_MEMORY} bytes)")
     return value
+
+
+SNAPSHOT_OPT_PREFIX = "snapshot."
+SNAPSHOT_KEYS = ("snapshot.id", "snapshot.name")
+
+
+def parse_snapshot(values: list[str]) -> "str | SnapshotRef":
+    """``-l``'s values (the option may be repeated), as qemu-img convert reads them.
+
+    ``snapshot.id=ID,snapshot.name=NAME`` (either or both) becomes a
+    :class:`qcow2kit.image.SnapshotRef`, in QEMU's option syntax: ``,,`` is a
+    comma inside a value, a key given twice keeps its last value, a trailing
+    comma is ignored, and a key without ``=`` means ``KEY=on`` (``noKEY``:
+    ``KEY=off``).  Anything else is the short form, an id or a name (looked
+    up as an id first).  As in qemu-img, a long form given anywhere wins over
+    short forms; otherwise the last one counts.
+    """
+    from ..image import SnapshotRef
+    longs = [v for v in values if v.startswith(SNAPSHOT_OPT_PREFIX)]
+    if not longs:
+        return values[-1]
+    text = longs[-1]
+    found: dict[str, str] = {}
+    pos = 0
+    while pos < len(text):
+        key_end = len(text)
+        for stop in ("=", ","):
+            at = text.find(stop, pos)
+            if 0 <= at < key_end:
+                key_end = at
+        key = text[pos:key_end]
+        if key_end == len(text) or text[key_end] == ",":      # "KEY": implied on/off
+            value = "on"
+            if key.startswith("no"):
+                key, value = key[2:], "off"
+            pos = key_end + 1
+        else:
+            chars: list[str] = []
+            i = key_end + 1
+            while i < len(text) and not (text[i] == "," and not text.startswith(",,", i)):
+                chars.append(text[i])
+                i += 2 if text[i] == "," else 1
+            value = "".join(chars)
+            pos = i + 1
+        if key not in SNAPSHOT_KEYS:
+            raise OptionError(f"invalid snapshot (-l) {text!r}: unknown parameter {key!r} "
+                              f"(expected snapshot.id=ID and/or snapshot.name=NAME)")
+        found[key] = value
+    return SnapshotRef(id=found.get("snapshot.id"), name=found.get("snapshot.name"))
 
 
 def parse_count(text: str, what: str, lo: int, hi: int) -> int:

@@ -6,7 +6,7 @@ import argparse
 import textwrap
 
 from .args import (EXIT_OK, OptionError, add_force_share_option, help_formatter,
-                   open_for_reading, parse_count, parse_memory, parse_size)
+                   open_for_reading, parse_count, parse_memory, parse_size, parse_snapshot)
 from .render.output import progress_bar
 
 
@@ -43,9 +43,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
               qcow2kit convert -O raw disk.qcow2 disk.raw
               qcow2kit convert -p -O raw overlay.qcow2 flat.raw
               qcow2kit convert -m 16 -S 64k -r 100M -O raw disk.qcow2 disk.raw
+              qcow2kit convert -l before-upgrade -O raw disk.qcow2 old.raw
+              qcow2kit convert -l snapshot.id=2 -O raw disk.qcow2 old.raw
             """))
     p.add_argument("-O", dest="output_format", default="raw", choices=["raw"],
                    help="output format (only raw, the default)")
+    p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT", action="append",
+                   help="copy the internal snapshot SNAPSHOT instead of the current content: "
+                        "snapshot.id=ID,snapshot.name=NAME (either or both must match), or "
+                        "NAME_OR_ID (tried as an id, then as a name), as qemu-img's -l; the "
+                        "output has the image's current virtual size, as with qemu-img")
     p.add_argument("-f", dest="input_format", choices=["qcow2"], default="qcow2",
                    help="input format (only qcow2)")
     p.add_argument("-p", dest="progress", action="store_true",
@@ -88,7 +95,10 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError(f"invalid sparse size (-S) {args.sparse_size!r}: must be a multiple "
                           f"of 512 up to {MAX_MIN_SPARSE} (0 turns sparse detection off)")
     rate = parse_size(args.rate_limit, "rate limit (-r)")
-    with open_for_reading(args.src, force_share=args.force_share) as img:
+    snapshot = None if args.snapshot is None else parse_snapshot(args.snapshot)
+    # At a snapshot, the image's own size, as qemu-img's -l (QEMU switches the L1 table only).
+    with open_for_reading(args.src, force_share=args.force_share, snapshot=snapshot,
+                          snapshot_size="image") as img:
         with progress_bar(enabled=args.progress, what="converted: read and wrote",
                                  of_size=img.size) as bar:
             convert_to_raw(img, args.dst, progress=bar, on_total=bar.start, order=args.order,

@@ -3,7 +3,7 @@
 ==============  ===========================================================
 core            :class:`Image` (and :func:`open`): the thin front
 header          the header and its extensions (qcow2_do_open)
-snapshots       the internal snapshot table (qcow2-snapshot.c)
+snapshots       the internal snapshot table, finding one snapshot (qcow2-snapshot.c)
 bitmaps         the persistent bitmap directory (qcow2-bitmap.c)
 refcounts       the refcount table and blocks (qcow2-refcount.c)
 l2              the one L1/L2 reader, its validation and its cache
@@ -21,7 +21,8 @@ from .chain import RawImage, Status, block_status
 from .core import Image, open
 from .header import Header, HeaderExtensionRecord, read_header
 from .l2 import DEFAULT_L2_CACHE_BYTES, Segment
-from .snapshots import Snapshot
+from .snapshots import Snapshot, SnapshotRef
 
 __all__ = ["Bitmap", "DEFAULT_L2_CACHE_BYTES", "Header", "HeaderExtensionRecord", "Image",
-           "RawImage", "Segment", "Snapshot", "Status", "block_status", "open", "read_header"]
+           "RawImage", "Segment", "Snapshot", "SnapshotRef", "Status", "block_status", "open",
+           "read_header"]

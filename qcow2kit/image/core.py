@@ -7,13 +7,18 @@ the one reader and its cache bounded in bytes (:mod:`.l2`).  Guest reads
 resolve each range to its layer (this image, its data file, its backing
 chain: :mod:`.chain`) exactly as QEMU does, so ``Image.read`` returns the
 bytes a guest would see; compressed clusters are inflated by :mod:`.compressed`.
+
+An image opened at an internal snapshot (``Image.open(path, snapshot=...)``)
+is the same front over the snapshot's own L1 table (and so its own L2
+tables), with the snapshot's virtual size, and the same backing chain and
+data file: everything that reads an ``Image`` reads the snapshot through it.
 """
 
 from __future__ import annotations
 
 import os
 from functools import cached_property
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 
@@ -29,7 +34,12 @@ from .chain import RawImage, open_backing, open_data_file, read_backing
 from .header import read_header
 from .l2 import DEFAULT_L2_CACHE_BYTES, L2Reader, Segment, Table
 from .refcounts import refcount_blocks
-from .snapshots import Snapshot, read_snapshots
+from .snapshots import Snapshot, SnapshotRef, check_snapshot_l1, read_snapshots, select_snapshot
+
+#: Which virtual size an image opened at a snapshot has: the snapshot's own
+#: (``disk_size``), or the image's current one (what ``qemu-img convert -l``
+#: uses: QEMU's qcow2_snapshot_load_tmp switches the L1 table only).
+SnapshotSize = Literal["snapshot", "image"]
 
 
 class Image:
@@ -38,6 +48,14 @@ class Image:
     Use :func:`open` or :meth:`Image.open`.  The header is validated on
     open; tables are read lazily.  ``read``/``readinto`` return guest data
     exactly as QEMU would, following the backing chain and data file.
+
+    ``snapshot`` (an id-or-name string, a :class:`SnapshotRef` or a
+    :class:`Snapshot` of this image) opens the guest content as of that
+    internal snapshot: its L1 table is used instead of the active one, and
+    ``size`` is its ``disk_size`` (``snapshot_size="image"``: the image's
+    size, as ``qemu-img convert -l``).  ``snapshot`` then names the
+    :class:`Snapshot` (None for the active state).  The snapshot's L1 table
+    is validated on open (cluster aligned, inside the file).
     """
 
     format = "qcow2"
@@ -46,8 +64,12 @@ class Image:
                  follow_backing: bool = True, source_kind: SourceKind = "pread",
                  l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
                  max_backing_depth: int = spec.MAX_BACKING_DEPTH,
+                 snapshot: "str | SnapshotRef | Snapshot | None" = None,
+                 snapshot_size: SnapshotSize = "snapshot",
                  _chain: tuple[str, ...] = (), _locks: ReadLocks | None = None,
                  _opened_as: str = "") -> None:
+        if snapshot_size not in ("snapshot", "image"):
+            raise ValueError(f"snapshot_size must be 'snapshot' or 'image', not {snapshot_size!r}")
         self.src = src
         self._locks = _locks          # how the files of the chain are locked (None: not)
         self._opened_as = _opened_as  # QEMU's words for what was being opened, for errors
@@ -55,6 +77,13 @@ class Image:
         with located(self.filename):
             self.header = read_header(src)
         self.size = self.header.size
+        self.snapshot: Snapshot | None = None
+        l1: tuple[int, int] | None = None
+        if snapshot is not None:
+            self.snapshot = sn = self._find_snapshot(snapshot)
+            l1 = (sn.l1_table_offset, sn.l1_size)
+            if snapshot_size == "snapshot":
+                self.size = sn.disk_size
         self.cluster_bits = self.header.cluster_bits
         self.cluster_size = self.header.cluster_size
         self.read_only = True
@@ -64,11 +93,22 @@ class Image:
         self._follow_backing = follow_backing
         self._max_depth = max_backing_depth
         self._chain = _chain + (os.path.realpath(src.path),)
-        self._l2 = L2Reader(src, self.header, self.geometry, self.filename, l2_cache_bytes)
+        self._l2 = L2Reader(src, self.header, self.geometry, self.filename, l2_cache_bytes, l1)
         self._dcache = compressed.ClusterCache()
         self._backing: Image | RawImage | None = None
         self._backing_opened = False
         self._data_src: ByteSource | None = None
+
+    def _find_snapshot(self, which: "str | SnapshotRef | Snapshot") -> Snapshot:
+        with located(self.filename):
+            if isinstance(which, Snapshot):
+                if which not in self.snapshots:
+                    raise ValueError(f"snapshot {which.id} ({which.name!r}) is not one of "
+                                     f"{self.filename}'s")
+                check_snapshot_l1(which, self.src.size, self.header.cluster_size)
+                return which
+            return select_snapshot(self.snapshots, which, self.src.size,
+                                   self.header.cluster_size)
 
     # -- opening ---------------------------------------------------------
 
@@ -76,8 +116,11 @@ class Image:
     def open(cls, path: str | os.PathLike[str], *, source: SourceKind = "pread",
              follow_backing: bool = True, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
              max_backing_depth: int = spec.MAX_BACKING_DEPTH, force_share: bool = False,
-             consistent_read: bool = True, locking: bool = True) -> "Image":
-        """Open ``path`` read-only, lock it as qemu-img does, and validate its header."""
+             consistent_read: bool = True, locking: bool = True,
+             snapshot: "str | SnapshotRef | Snapshot | None" = None,
+             snapshot_size: SnapshotSize = "snapshot") -> "Image":
+        """Open ``path`` read-only, lock it as qemu-img does, and validate its header (at
+        ``snapshot``, if given)."""
         path = os.fspath(path)
         src = open_source(path, source)
         locks = (ReadLocks(force_share=force_share, consistent_read=consistent_read)
@@ -88,6 +131,7 @@ class Image:
                 locks.lock(src.fileno(), path, "qcow2", opened_as)
             return cls(src, filename=path, follow_backing=follow_backing, source_kind=source,
                        l2_cache_bytes=l2_cache_bytes, max_backing_depth=max_backing_depth,
+                       snapshot=snapshot, snapshot_size=snapshot_size,
                        _locks=locks, _opened_as=opened_as)
         except BaseException:
             src.close()
@@ -127,7 +171,8 @@ class Image:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"<Image {self.filename!r} v{self.header.version} size={self.size} "
+        at = "" if self.snapshot is None else f" snapshot={self.snapshot.id}"
+        return (f"<Image {self.filename!r}{at} v{self.header.version} size={self.size} "
                 f"cluster_size={self.cluster_size}>")
 
     # -- properties ------------------------------------------------------
@@ -269,7 +314,7 @@ class Image:
 
     @property
     def l1_table(self) -> np.ndarray:
-        """The active L1 table as uint64 entries (loaded on first use)."""
+        """The L1 table as uint64 entries (loaded on first use): the active one, or the snapshot's."""
         self._check_open()
         return self._l2.l1
 
@@ -416,7 +461,9 @@ class Image:
 def open(path: str | os.PathLike[str], *, source: SourceKind = "pread",  # noqa: A001 - like io.open
          follow_backing: bool = True, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
          max_backing_depth: int = spec.MAX_BACKING_DEPTH, force_share: bool = False,
-         consistent_read: bool = True, locking: bool = True) -> Image:
+         consistent_read: bool = True, locking: bool = True,
+         snapshot: "str | SnapshotRef | Snapshot | None" = None,
+         snapshot_size: SnapshotSize = "snapshot") -> Image:
     """Open a qcow2 image read-only, take QEMU's image locks, and validate its header.
 
     ``source``: ``"pread"`` (default) or ``"mmap"``, how files are read.
@@ -424,7 +471,10 @@ def open(path: str | os.PathLike[str], *, source: SourceKind = "pread",  # noqa:
     (False: unallocated ranges read as zeros).  ``l2_cache_bytes``: the L2
     table cache's budget per image.  ``max_backing_depth``: the longest
     backing chain accepted.  A missing file raises :class:`ImageNotFoundError`
-    (a :class:`FileNotFoundError` too).
+    (a :class:`FileNotFoundError` too).  ``snapshot``: open the guest content
+    as of that internal snapshot (an id or name, tried in that order, or a
+    :class:`SnapshotRef`; see :class:`Image`); an unknown one raises
+    :class:`SnapshotNotFoundError`.
 
     Every file of the chain (the image, its backing files when they are
     opened, its external data file) is locked as ``qemu-img`` locks what it
@@ -443,4 +493,4 @@ def open(path: str | os.PathLike[str], *, source: SourceKind = "pread",  # noqa:
     return Image.open(path, source=source, follow_backing=follow_backing,
                       l2_cache_bytes=l2_cache_bytes, max_backing_depth=max_backing_depth,
                       force_share=force_share, consistent_read=consistent_read,
-                      locking=locking)
+                      locking=locking, snapshot=snapshot, snapshot_size=snapshot_size)

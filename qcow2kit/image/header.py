@@ -111,16 +111,19 @@ def _bad(msg: str, fld: str, off: int | None = None) -> InvalidHeaderError:
 
 
 def _check_table(file_size: int, cluster_size: int, offset: int, nbytes: int,
-                 offset_field: str, what: str) -> None:
-    """QEMU's validate_table_offset, plus: the table must lie inside the file."""
+                 offset_field: str, what: str, field_at: int | None = None) -> None:
+    """QEMU's validate_table_offset, plus: the table must lie inside the file.
+
+    ``field_at``: where ``offset_field`` is stored, when it is not a header field.
+    """
     if offset % cluster_size:
         raise _bad(f"{what} offset {offset:#x} is not aligned to the cluster size",
-                   offset_field)
+                   offset_field, field_at)
     if offset >= spec.HOST_OFFSET_LIMIT or offset + nbytes > spec.INT64_MAX:
-        raise _bad(f"{what} offset {offset:#x} is out of range", offset_field)
+        raise _bad(f"{what} offset {offset:#x} is out of range", offset_field, field_at)
     if offset + nbytes > file_size:
         raise _bad(f"{what} [{offset:#x}, +{nbytes:#x}) lies beyond the end of the file "
-                   f"({file_size} bytes)", offset_field)
+                   f"({file_size} bytes)", offset_field, field_at)
 
 
 def read_header(src: ByteSource) -> Header:

@@ -82,12 +82,20 @@ class L2Cache:
 
 
 class L2Reader:
-    """The L1 table and the L2 tables of one image file (the active L1 table)."""
+    """The L1 table and the L2 tables of one image file.
+
+    The L1 table is the active one (the header's ``l1_table_offset`` and
+    ``l1_size``) unless ``l1`` gives another (offset, entries): an internal
+    snapshot's, already validated by the caller.
+    """
 
     def __init__(self, src: ByteSource, header: Header, geometry: T.L2Geometry, filename: str,
-                 cache_bytes: int = DEFAULT_L2_CACHE_BYTES) -> None:
+                 cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
+                 l1: tuple[int, int] | None = None) -> None:
         self.src = src
         self.header = header
+        self.l1_table_offset, self.l1_size = \
+            (header.l1_table_offset, header.l1_size) if l1 is None else l1
         self.geometry = geometry
         self.filename = filename
         self.cluster_bits = header.cluster_bits
@@ -97,10 +105,10 @@ class L2Reader:
 
     @property
     def l1(self) -> np.ndarray:
-        """The active L1 table as uint64 entries (read on first use)."""
+        """The L1 table as uint64 entries (read on first use)."""
         if self._l1 is None:
-            n = self.header.l1_size
-            raw = self.src.read_at(self.header.l1_table_offset, n * 8, field="L1 table") if n else b""
+            n = self.l1_size
+            raw = self.src.read_at(self.l1_table_offset, n * 8, field="L1 table") if n else b""
             self._l1 = T.decode_u64_table(raw)
         return self._l1
 
@@ -113,7 +121,7 @@ class L2Reader:
     def _misaligned(self, l1_index: int, l2_off: int) -> CorruptImageError:
         return CorruptImageError(f"L2 table offset {l2_off:#x} is not cluster aligned (L1 "
                                  f"index {l1_index})", field="l1_table_offset",
-                                 offset=self.header.l1_table_offset + 8 * l1_index
+                                 offset=self.l1_table_offset + 8 * l1_index
                                  ).locate(self.filename)
 
     def _split(self, words: np.ndarray) -> Table:

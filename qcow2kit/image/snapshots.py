@@ -1,15 +1,19 @@
-"""The internal snapshot table (QEMU's qcow2_read_snapshots, block/qcow2-snapshot.c)."""
+"""The internal snapshot table (QEMU's qcow2_read_snapshots, block/qcow2-snapshot.c), and
+finding one snapshot by id and/or name (find_snapshot_by_id_and_name, and
+bdrv_snapshot_load_tmp_by_id_or_name's id-then-name lookup) with its L1 table
+validated as qcow2_snapshot_load_tmp validates it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .. import spec
+from ..errors import InvalidHeaderError, SnapshotNotFoundError
 from ..layout import offset_of
 from ..layout import snapshots as S
 from ..layout.header import SnapshotHeader
 from ..source import ByteSource
-from .header import Header, _align_up, _bad
+from .header import Header, _align_up, _bad, _check_table
 
 
 @dataclass
@@ -70,3 +74,78 @@ def read_snapshots(src: ByteSource, hdr: Header) -> list[Snapshot]:
         raise _bad(f"snapshot table exceeds QEMU's limit of {spec.MAX_SNAPSHOTS_SIZE} bytes",
                    "snapshots_offset")
     return out
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    """Which internal snapshot, as QEMU's ``snapshot.id=ID,snapshot.name=NAME``.
+
+    With both, one snapshot must have both; with one, the first snapshot (in
+    table order) that has it.  A plain string (``-l NAME_OR_ID``) is not a
+    ref: :func:`select_snapshot` looks it up as an id first, then as a name.
+    """
+
+    id: str | None = None
+    name: str | None = None
+
+    def __str__(self) -> str:
+        parts = [f"{k}={v!r}" for k, v in (("id", self.id), ("name", self.name)) if v is not None]
+        return " and ".join(parts) or "(no id or name)"
+
+
+def find_snapshot(snapshots: list[Snapshot], ref: SnapshotRef) -> Snapshot | None:
+    """The first snapshot matching ``ref`` (QEMU's find_snapshot_by_id_and_name), or None."""
+    if ref.id is None and ref.name is None:
+        return None
+    for sn in snapshots:
+        if (ref.id is None or sn.id == ref.id) and (ref.name is None or sn.name == ref.name):
+            return sn
+    return None
+
+
+def check_snapshot_l1(sn: Snapshot, file_size: int, cluster_size: int) -> None:
+    """Refuse a snapshot whose L1 table is not a cluster-aligned table inside the file.
+
+    QEMU's qcow2_snapshot_load_tmp (qcow2_validate_table) checks the alignment
+    and the range; this also refuses a table past the end of the file (QEMU
+    would read it as zeros).  The error names the entry's ``l1_table_offset``.
+    """
+    if sn.l1_size:
+        _check_table(file_size, cluster_size, sn.l1_table_offset, sn.l1_size * 8,
+                     "l1_table_offset", f"snapshot {sn.id} ({sn.name!r}) L1 table",
+                     sn.entry_offset + offset_of(SnapshotHeader, "l1_table_offset"))
+
+
+def select_snapshot(snapshots: list[Snapshot], which: "str | SnapshotRef",
+                    file_size: int, cluster_size: int) -> Snapshot:
+    """The snapshot ``which`` names, its L1 table checked (:func:`check_snapshot_l1`).
+
+    A :class:`SnapshotRef` is matched as :func:`find_snapshot` does.  A string
+    is tried as an id, then as a name, as ``qemu-img convert -l NAME_OR_ID``
+    does (bdrv_snapshot_load_tmp_by_id_or_name: a snapshot found by id whose
+    L1 table is invalid also falls back to the name; if no name matches,
+    that invalid table's error is raised).  None found:
+    :class:`SnapshotNotFoundError`.
+    """
+    if isinstance(which, SnapshotRef):
+        sn = find_snapshot(snapshots, which)
+        if sn is None:
+            raise SnapshotNotFoundError(f"can't find snapshot: no internal snapshot with {which}")
+        check_snapshot_l1(sn, file_size, cluster_size)
+        return sn
+    invalid: InvalidHeaderError | None = None
+    sn = find_snapshot(snapshots, SnapshotRef(id=which))
+    if sn is not None:
+        try:
+            check_snapshot_l1(sn, file_size, cluster_size)
+            return sn
+        except InvalidHeaderError as exc:
+            invalid = exc
+    sn = find_snapshot(snapshots, SnapshotRef(name=which))
+    if sn is None:
+        if invalid is not None:
+            raise invalid
+        raise SnapshotNotFoundError(f"can't find snapshot: no internal snapshot with id or "
+                                    f"name {which!r}")
+    check_snapshot_l1(sn, file_size, cluster_size)
+    return sn
