@@ -37,14 +37,17 @@ KiB, MiB = 1024, 1024 * 1024
 
 # ============================================================================ 1. the pieces
 
-def test_bitmap_against_a_list_of_bools():
+@pytest.mark.parametrize("span", [None, 70])
+def test_bitmap_against_a_list_of_bools(span):
+    """Random set/clear/take against a list of bools; span=70 keeps most ranges at 64 clusters
+    or less, the plain-integer path of runs()."""
     rng = random.Random(9)
     for size, g in ((1 << 20, 4096), (1000 * 512 + 512, 512), (3 * 65536 + 4096, 65536)):
         bm = CopyBitmap(size, g)
         ref = [True] * (-(-size // g))
         for _ in range(300):
             a = rng.randrange(0, size)
-            n = rng.randrange(0, size - a + 1)
+            n = rng.randrange(0, (size - a if span is None else min(size - a, span * g)) + 1)
             op = rng.choice(["set", "clear", "take"])
             lo, hi = a // g, min(-(-(a + n) // g), len(ref))
             if op == "take":

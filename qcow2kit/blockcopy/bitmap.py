@@ -21,6 +21,9 @@ import numpy as np
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
+_SMALL = 64                 # ranges of up to this many bits take the plain-integer path
+
+
 class CopyBitmap:
     """Bits over ``[0, size)`` in clusters of ``granularity`` bytes (the last may be partial).
 
@@ -96,19 +99,52 @@ class CopyBitmap:
         image's layers).
         """
         lo, hi = self._bit_range(offset, length)
+        g = self.granularity
+        if hi - lo <= _SMALL:
+            return self._small_runs(lo, hi, offset, length)
         bits = self._get_bits(lo, hi)
         if not bits.any():
             return []
         padded = np.concatenate(([False], bits, [False]))
         rises = np.flatnonzero(~padded[:-1] & padded[1:])
         falls = np.flatnonzero(padded[:-1] & ~padded[1:])
-        g = self.granularity
         out = []
         for r, f in zip(rises.tolist(), falls.tolist()):
             a = max((lo + r) * g, offset)
             b = min((lo + f) * g, offset + length, self.size)
             if b > a:
                 out.append((a, b - a))
+        return out
+
+    def _small_runs(self, lo: int, hi: int, offset: int, length: int) -> list[tuple[int, int]]:
+        """:meth:`runs` for at most ``_SMALL`` bits, in plain integers: a task usually covers a
+        few clusters, and numpy's per-call cost dominated there."""
+        if lo >= hi:
+            return []
+        first = lo >> 3
+        word = int.from_bytes(self._bits[first:((hi - 1) >> 3) + 1].tobytes(), "little")
+        word = (word >> (lo - (first << 3))) & ((1 << (hi - lo)) - 1)
+        if not word:
+            return []
+        g, end = self.granularity, min(offset + length, self.size)
+        nb = hi - lo
+        if word == (1 << nb) - 1:         # all set: the usual case
+            a, b = max(lo * g, offset), min(hi * g, end)
+            return [(a, b - a)] if b > a else []
+        out = []
+        i = 0
+        while i < nb:
+            if not (word >> i) & 1:
+                i += 1
+                continue
+            j = i
+            while j < nb and (word >> j) & 1:
+                j += 1
+            a = max((lo + i) * g, offset)
+            b = min((lo + j) * g, end)
+            if b > a:
+                out.append((a, b - a))
+            i = j
         return out
 
     def take(self, offset: int, length: int) -> list[tuple[int, int]]:
