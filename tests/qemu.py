@@ -10,6 +10,7 @@ helpers too.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,8 +19,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -338,3 +340,23 @@ def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
 def hexbytes(*lines: str) -> bytes:
     """Join hex strings (spaces allowed) into bytes."""
     return bytes.fromhex("".join(lines))
+
+
+@contextlib.contextmanager
+def nbdfuse_served(tmp_path: Path, image: Path, *filters: str) -> Iterator[Path]:
+    """``image`` served by nbdkit (with ``filters``) and mounted as a file with nbdfuse
+    under ``tmp_path/mnt`` (unmounted on the way out)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    fuse = subprocess.Popen(["nbdfuse", mnt / "img", "--command", "nbdkit", "-s", "file",
+                             image, *filters],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (mnt / "img").exists():
+            assert time.monotonic() < deadline and fuse.poll() is None
+            time.sleep(0.05)
+        yield mnt / "img"
+    finally:
+        subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+        fuse.wait(timeout=30)

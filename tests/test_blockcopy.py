@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import subprocess
@@ -23,7 +22,8 @@ from shutil import which
 import numpy as np
 import pytest
 
-from qemu import QEMU_IMG, cli_process, data_ranges, qemu_img_map, run, same_file
+from qemu import (QEMU_IMG, cli_process, data_ranges, nbdfuse_served, qemu_img_map, run,
+                  same_file)
 from qcow2kit.blockcopy import CopyBitmap, CopyJob, RateLimit, RawFileTarget, read_source
 from qcow2kit.blockcopy.sparse import data_runs
 from qcow2kit.convert import convert_to_raw
@@ -262,25 +262,6 @@ needs_fuse = pytest.mark.skipif(
     reason="needs nbdkit, nbdfuse (libnbd-bin) and fuse3")
 
 
-@contextlib.contextmanager
-def _served(tmp_path: Path, image: Path, *filters: str):
-    """``image`` served by nbdkit (with ``filters``) and mounted as a file with nbdfuse."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    fuse = subprocess.Popen(["nbdfuse", mnt / "img", "--command", "nbdkit", "-s", "file",
-                             image, *filters],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not (mnt / "img").exists():
-            assert time.monotonic() < deadline and fuse.poll() is None
-            time.sleep(0.05)
-        yield mnt / "img"
-    finally:
-        subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
-        fuse.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def patterned(tmp_path_factory) -> tuple[Path, Path]:
     """A fragmented 8 MiB image (no backing file) and qemu-img's raw conversion of it."""
@@ -342,7 +323,7 @@ def test_transient_read_errors_are_retried(patterned, tmp_path):
         for attempt in range(6):
             d = tmp_path / f"{name}{attempt}"
             d.mkdir()
-            with _served(d, img, *filters, f"error-pread-file={trigger}") as src:
+            with nbdfuse_served(d, img, *filters, f"error-pread-file={trigger}") as src:
                 res, _ = _copy(src, d / "out.raw", before=_errors_on(trigger, src),
                                backoff=0.001, **kw)
                 trigger.unlink(missing_ok=True)
@@ -373,7 +354,7 @@ def test_persistent_bad_range_is_reported_exactly(patterned, tmp_path):
     mapfile.write_text("# Rescue Logfile\n0x00000000 + 1\n"
                        f"0x00000000 {host:#010x} +\n{host:#010x} 0x00010000 -\n"
                        f"{host + 64 * KiB:#010x} 0x10000000 +\n")
-    with _served(tmp_path, img, "--filter=ddrescue", f"ddrescue-mapfile={mapfile}") as src:
+    with nbdfuse_served(tmp_path, img, "--filter=ddrescue", f"ddrescue-mapfile={mapfile}") as src:
         res, _ = _copy(src, tmp_path / "lib.raw", backoff=0.001, max_chunk=1 * MiB)
         dst = tmp_path / "cli.raw"
         r = cli_process("convert", "-O", "raw", str(src), str(dst))

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from qemu import cli_process, run, sha256_file
+from qemu import cli_process, nbdfuse_served, run, sha256_file
 
 from qcow2kit.cli.main import main as cli_main
 
@@ -342,27 +342,15 @@ def test_read_error_names_file_and_offset(chain, tmp_path):
     base, top = chain
     flat = tmp_path / "flat.qcow2"
     run(["qemu-img", "convert", "-O", "qcow2", top, flat])
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
     trigger = tmp_path / "trigger"
-    fuse = subprocess.Popen(["nbdfuse", mnt / "img", "--command", "nbdkit", "-s", "file",
-                             flat, "--filter=error", "error-pread-rate=1",
-                             f"error-pread-file={trigger}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not (mnt / "img").exists():
-            assert time.monotonic() < deadline and fuse.poll() is None
-            time.sleep(0.05)
+    with nbdfuse_served(tmp_path, flat, "--filter=error", "error-pread-rate=1",
+                        f"error-pread-file={trigger}") as served:
         trigger.touch()          # every read fails from now on: EIO
         dst = tmp_path / "out.raw"
-        line = _one_error_line(cli_process("convert", str(mnt / "img"), str(dst)))
-        assert str(mnt / "img") in line and "read error at offset 0x" in line
+        line = _one_error_line(cli_process("convert", str(served), str(dst)))
+        assert str(served) in line and "read error at offset 0x" in line
         assert "Input/output error" in line
         assert not dst.exists()
-    finally:
-        subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
-        fuse.wait(timeout=30)
 
 
 @qemu
