@@ -52,6 +52,7 @@ import numpy as np
 from . import spec
 from . import tables as T
 from .alloc import Allocator
+from .boolruns import true_runs
 from .create import CreatePlan, create
 from .errors import Qcow2Error
 from .layout import header as H
@@ -529,12 +530,6 @@ def nonzero_clusters(buf: bytes, cluster_size: int) -> np.ndarray:
     return nz
 
 
-def runs(flags: np.ndarray) -> list[tuple[int, int]]:
-    """The runs of True in ``flags`` as [start, end) pairs."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], flags.view(np.int8), [0]))))
-    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
-
-
 def build_from_raw(path: str | os.PathLike[str], raw_path: str | os.PathLike[str],
                    **options: Any) -> None:
     """An image with the content of a raw file: all-zero clusters left unallocated, the
@@ -551,7 +546,8 @@ def build_from_raw(path: str | os.PathLike[str], raw_path: str | os.PathLike[str
             if len(buf) % cs:
                 buf += bytes(-len(buf) % cs)
             view = memoryview(buf)
-            for s, e in runs(nonzero_clusters(buf, cs)):
+            starts, ends = true_runs(nonzero_clusters(buf, cs))
+            for s, e in zip(starts.tolist(), ends.tolist()):
                 b.write(off + s * cs, view[s * cs:min(e * cs, size - off)])
             off += chunk
 

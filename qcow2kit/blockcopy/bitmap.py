@@ -18,6 +18,8 @@ from typing import Iterator
 
 import numpy as np
 
+from ..boolruns import true_runs
+
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
@@ -105,9 +107,7 @@ class CopyBitmap:
         bits = self._get_bits(lo, hi)
         if not bits.any():
             return []
-        padded = np.concatenate(([False], bits, [False]))
-        rises = np.flatnonzero(~padded[:-1] & padded[1:])
-        falls = np.flatnonzero(padded[:-1] & ~padded[1:])
+        rises, falls = true_runs(bits)
         out = []
         for r, f in zip(rises.tolist(), falls.tolist()):
             a = max((lo + r) * g, offset)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..boolruns import true_runs
+
 SPARSE_BLOCK = 4096
 DEFAULT_MIN_SPARSE = 4096
 #: qemu-img's limit for -S (32768 sectors)
@@ -46,8 +48,5 @@ def data_runs(buf: memoryview, offset: int, min_sparse: int = DEFAULT_MIN_SPARSE
         nonzero = np.logical_or.reduceat(arr != 0, edges[:-1])
     if not nonzero.any():
         return []
-    # Runs of consecutive non-zero blocks: starts where nonzero rises, ends where it falls.
-    padded = np.concatenate(([False], nonzero, [False]))
-    rises = edges[np.flatnonzero(~padded[:-1] & padded[1:])].tolist()
-    falls = edges[np.flatnonzero(padded[:-1] & ~padded[1:])].tolist()
-    return list(zip(rises, falls))
+    starts, ends = true_runs(nonzero)       # in blocks; edges turns them into bytes
+    return list(zip(edges[starts].tolist(), edges[ends].tolist()))
