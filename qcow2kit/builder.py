@@ -1,7 +1,7 @@
 """Write a new qcow2 image cluster by cluster: :class:`ImageBuilder`.
 
-The builder starts from the file ``qemu-img create`` writes (it calls
-:func:`qcow2kit.create.create`, so the header, refcount table, first refcount
+The builder starts from the file ``qemu-img create`` writes (it runs
+:mod:`qcow2kit.create`'s planner and writer, so the header, refcount table, first refcount
 block and L1 table are byte for byte QEMU's) and then keeps using the allocator
 create replayed (:class:`qcow2kit.alloc.Allocator`, QEMU's ``qcow2_alloc_clusters``,
 ``alloc_refcount_block`` and ``qcow2_refcount_area``) to place data clusters, L2 tables and new
@@ -35,6 +35,14 @@ the order of the writes: a killed process still leaves a valid image, because th
 cache keeps what was written, but after a power cut the disk may hold later steps without
 earlier ones.  Use it where the image can be rebuilt, as qemu-img convert does.
 
+Reservations. ``reserve`` places clusters now, before their data exists; ``fill`` then
+writes data into them from any thread, in any order, straight to its place in the file.
+A copy that reads its source in host order but reserves in guest order thus writes an
+unfragmented image.  The reservations' refcounts, new L2 tables and refcount blocks are
+step 1 of the first ``fill`` (or flush); a filled cluster's L2 entry waits for the next
+checkpoint like any other, so a crash leaves reserved clusters at worst leaked, and
+``finish`` frees the ones never filled (they stay holes in the file).
+
 Calls are cheap per run, not per cluster: ``write`` of many clusters queues one run, and
 the L2 entries of a run are set with numpy slices.
 """
@@ -43,8 +51,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,7 +62,7 @@ from . import spec
 from . import tables as T
 from .alloc import Allocator
 from .boolruns import true_runs
-from .create import CreatePlan, create
+from .create import CreatePlan, prepare, request, write_plan
 from .errors import Qcow2Error
 from .layout import header as H
 from .writer import ImageWriter
@@ -98,20 +107,30 @@ class ImageBuilder:
     an exception) flushes what is queued; after an exception the batches already
     written are committed, what was still queued is dropped, and the image stays
     valid.  ``cache`` is ``"writeback"`` or ``"unsafe"`` (module docstring).
+    ``create_options`` (qemu-img's ``-o`` strings) replace the format keywords;
+    ``check_files(path)``, when given, is called on an external data file before
+    anything is created (it may refuse it by raising).  ``existing`` continues the
+    image at ``path`` instead of creating one (qemu-img convert's ``-n``); it must be
+    empty, exactly as ``qemu-img create`` wrote it (other images are refused), and its
+    own format options, size and backing file are kept (the keywords are ignored).
     """
 
     def __init__(self, path: str | os.PathLike[str], size: int, *, cluster_size: int = 65536,
                  compat: str = "1.1", refcount_bits: int = 16, extended_l2: bool = False,
                  compression_type: str = "zlib", backing_file: str | None = None,
                  backing_fmt: str | None = None, data_file: str | None = None,
-                 lazy_refcounts: bool = False,
+                 lazy_refcounts: bool = False, create_options: Sequence[str] | None = None,
                  batch_bytes: int = DEFAULT_BATCH_BYTES,
                  checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES, cache: str = "writeback",
-                 on_commit: Callable[[np.ndarray], None] | None = None) -> None:
+                 on_commit: Callable[[np.ndarray], None] | None = None,
+                 check_files: Callable[[str], Any] | None = None,
+                 existing: bool = False) -> None:
         if cache not in CACHE_MODES:
             raise BuilderError(f"cache mode {cache!r} is not one of {', '.join(CACHE_MODES)}")
         self.path = os.fspath(path)
         self.cache = cache
+        if existing:
+            size, create_options, backing_file, backing_fmt = _as_created(self.path)
         options: dict[str, Any] = {"cluster_size": cluster_size, "compat": compat,
                                    "refcount_bits": refcount_bits}
         if extended_l2:
@@ -122,9 +141,25 @@ class ImageBuilder:
             options["lazy_refcounts"] = True
         if data_file is not None:
             options["data_file"] = data_file
-        self.plan: CreatePlan = create(self.path, size, options=options,
-                                       backing_file=backing_file, backing_fmt=backing_fmt,
-                                       sync=cache == "writeback")
+        if create_options is not None:       # qemu-img's -o strings instead
+            options = {}
+        # Everything is checked before the file is created.
+        plan = prepare(request(self.path, size, backing_file=backing_file,
+                               backing_fmt=backing_fmt, unsafe=existing,
+                               options=options if create_options is None
+                               else list(create_options))).plan
+        if plan.options.preallocation != "off":
+            raise BuilderError(f"the builder writes images without preallocation, not "
+                               f"preallocation={plan.options.preallocation}")
+        #: what ``check_files`` (which may refuse it) said of the external data file
+        self.data_file_before = (check_files(plan.options.data_file)
+                                 if check_files is not None and plan.options.data_file
+                                 else None)
+        if existing:
+            _check_as_planned(self.path, plan)
+        else:
+            write_plan(plan, sync=cache == "writeback")
+        self.plan: CreatePlan = plan
         o = self.plan.options
         a: Allocator = self.plan.allocator
         self.options = o
@@ -132,7 +167,8 @@ class ImageBuilder:
         self.size = o.size
         self.cluster_size = cs = o.cluster_size
         self.cluster_bits = o.cluster_bits
-        self.compression_type = compression_type
+        self.compression_type = ("zstd" if o.compression_type == spec.COMPRESSION_ZSTD
+                                 else "zlib")
         self.geo = T.L2Geometry(o.cluster_bits, o.extended_l2, o.data_file is not None)
         self.l2_size = a.l2_size
         self.l2_bits = a.l2_bits
@@ -155,6 +191,14 @@ class ImageBuilder:
         self._torn = False           # a batch failed half-written: never commit after that
         self._comp_cluster = -1      # host cluster being packed with compressed streams
         self._comp_pos = 0           # next free byte in it
+        self._lock = threading.RLock()   # the queue, the L2 entries, checkpoints
+        # reservations: per L2 table, the host offset of each reserved cluster (0: none)
+        self._resv: dict[int, np.ndarray] = {}
+        self._filled: dict[int, np.ndarray] = {}
+        self._resv_new_l2: list[int] = []
+        self._resv_touched: list[tuple[int, int]] = []
+        self._resv_meta = False          # reservations whose metadata is not written yet
+        self._resv_end = 0               # where the last reserved cluster ends
         self._w: ImageWriter | None = ImageWriter(self.path)
         # with an external data file, guest cluster n is host cluster n of that file (no
         # refcounts, as QEMU does without data_file_raw too)
@@ -226,7 +270,8 @@ class ImageBuilder:
         """Normal data clusters from ``guest_offset`` on (placed after what came before)."""
         r = self._clusters(guest_offset, memoryview(data).nbytes)
         if r:
-            self._queue(r.start, len(r), _DATA, self._run(data, len(r)))
+            with self._lock:
+                self._queue(r.start, len(r), _DATA, self._run(data, len(r)))
 
     def write_zero(self, guest_offset: int, length: int) -> None:
         """Zero clusters (reads as zeros, hides the backing file); qcow2 v3 only."""
@@ -234,42 +279,317 @@ class ImageBuilder:
             raise BuilderError("zero clusters need compat=1.1 (qcow2 v3)")
         r = self._clusters(guest_offset, length)
         if r:
-            self._queue(r.start, len(r), _ZERO, [])
+            with self._lock:
+                self._queue(r.start, len(r), _ZERO, [])
 
     def write_compressed(self, guest_offset: int, data: bytes | bytearray | memoryview) -> None:
         """Compressed clusters; one that does not shrink is stored as a normal cluster."""
-        if self._dw is not None:
-            raise BuilderError("compressed clusters cannot be written with an external data file")
         cs = self.cluster_size
         r = self._clusters(guest_offset, memoryview(data).nbytes)
         mv = memoryview(data).cast("B")
         for i, gc in enumerate(r):
             chunk = self._run(mv[i * cs:(i + 1) * cs], 1)[0]
-            packed = compress_cluster(bytes(chunk), self.compression_type)
+            self.write_packed(gc * cs, chunk, compress_cluster(bytes(chunk), self.compression_type))
+
+    def write_packed(self, guest_offset: int, chunk: bytes | memoryview, packed: bytes) -> None:
+        """One cluster ``chunk`` (a whole cluster, zero-padded at the image's end) as its
+        compressed stream ``packed`` (:func:`compress_cluster`, which callers may run in
+        their own threads), or as a normal cluster when ``packed`` is not shorter."""
+        if self._dw is not None:
+            raise BuilderError("compressed clusters cannot be written with an external data file")
+        cs = self.cluster_size
+        r = self._clusters(guest_offset, min(cs, self.size - guest_offset))
+        if len(chunk) != cs:
+            raise BuilderError(f"a compressed cluster takes {cs} bytes, not {len(chunk)}")
+        with self._lock:
             if len(packed) >= cs:
-                self._queue(gc, 1, _DATA, [chunk])
+                self._queue(r.start, 1, _DATA, [bytes(chunk)])
             else:
-                self._queue(gc, 1, _COMPRESSED, [packed])
+                self._queue(r.start, 1, _COMPRESSED, [packed])
+
+    # -- reservations -------------------------------------------------------------
+
+    def reserve(self, guest_offset: int, length: int) -> int:
+        """Place, now, the clusters ``[guest_offset, guest_offset+length)`` touches (whole
+        clusters; ones reserved or written before are skipped), after everything placed so
+        far; returns how many were reserved.  :meth:`fill` writes into them.  Reserving in
+        guest order gives an unfragmented image whatever order the data comes in."""
+        cs = self.cluster_size
+        end = min(guest_offset + length, self.size)
+        if guest_offset < 0 or guest_offset >= end:
+            return 0
+        first, last = guest_offset // cs, -(-end // cs)
+        a = self._a
+        total = 0
+        with self._lock:
+            if self._w is None:
+                raise BuilderError("the builder is closed")
+            a.used.touched = self._resv_touched
+            try:
+                g = first
+                while g < last:
+                    l1, i = g >> self.l2_bits, g & (self.l2_size - 1)
+                    m = min(last - g, self.l2_size - i)
+                    self._resv_new_l2 += self._place_l2([l1])
+                    resv = self._resv.get(l1)
+                    if resv is None:
+                        resv = self._resv[l1] = np.zeros(self.l2_size, dtype=np.uint64)
+                        self._filled[l1] = np.zeros(self.l2_size, dtype=bool)
+                    mask = self._written.get(l1)
+                    if mask is None:
+                        mask = self._written[l1] = np.zeros(self.l2_size, dtype=bool)
+                    starts, ends = true_runs(~mask[i:i + m])
+                    for s0, e0 in zip(starts.tolist(), ends.tolist()):
+                        n = e0 - s0
+                        # with a data file, guest cluster n is host cluster n of that file
+                        host = (g + s0) * cs if self._dw is not None else a.alloc_clusters(n * cs)
+                        if self._dw is None:
+                            self._resv_end = max(self._resv_end, host + n * cs)
+                        offsets = np.arange(n, dtype=np.uint64) * np.uint64(cs)
+                        offsets += np.uint64(host)
+                        resv[i + s0:i + e0] = offsets | np.uint64(spec.OFLAG_COPIED)
+                        mask[i + s0:i + e0] = True
+                        total += n
+                    g += m
+            finally:
+                a.used.touched = []
+            if total or self._resv_new_l2:
+                self._resv_meta = True
+        return total
+
+    def _write_reserved_meta(self) -> None:
+        """Step 1 of the reservations: new L2 tables (zeroed), refcount blocks, a new
+        refcount table.  Their L1 entries and the refcount table follow at the next
+        checkpoint."""
+        if not self._resv_meta:
+            return
+        w = self._w
+        assert w is not None
+        a = self._a
+        cb = self.cluster_bits
+        self._torn = True
+        zero_cluster = bytes(self.cluster_size)
+        for j in self._resv_new_l2:
+            w.pwrite(zero_cluster, a.l2_tables[j] << cb)
+        for rti in sorted(self._rtis(self._resv_touched)):
+            w.pwrite(self._refcount_block(rti), int(a.reftable[rti]))
+        if a.reftable_offset != self._old_reftable_offset:
+            w.pwrite(T.encode_u64_table(a.reftable), a.reftable_offset)
+        if w.size < self._resv_end:
+            # the file covers every reserved cluster (a hole until filled): QEMU refuses
+            # references to clusters beyond the end of the file
+            w.truncate(self._resv_end)
+        self._torn = False
+        w.step()
+        self._new_l2.extend(self._resv_new_l2)
+        self._resv_new_l2 = []
+        self._resv_touched = []
+        self._resv_meta = False
+
+    def reserved(self, guest_offset: int, length: int) -> np.ndarray:
+        """For each cluster ``[guest_offset, guest_offset+length)`` touches: is it reserved
+        (and not given up by :meth:`unreserve`)?"""
+        cs = self.cluster_size
+        first, last = guest_offset // cs, -(-(guest_offset + length) // cs)
+        return self._reserved_entries(first, last) != 0
+
+    def filled(self, guest_offset: int, length: int) -> np.ndarray:
+        """For each cluster ``[guest_offset, guest_offset+length)`` touches: was it filled?"""
+        cs = self.cluster_size
+        first, last = guest_offset // cs, -(-(guest_offset + length) // cs)
+        out = np.zeros(last - first, dtype=bool)
+        with self._lock:
+            g = first
+            while g < last:
+                l1, i = g >> self.l2_bits, g & (self.l2_size - 1)
+                m = min(last - g, self.l2_size - i)
+                filled = self._filled.get(l1)
+                if filled is not None:
+                    out[g - first:g - first + m] = filled[i:i + m]
+                g += m
+        return out
+
+    def _reserved_entries(self, first: int, last: int) -> np.ndarray:
+        out = np.zeros(last - first, dtype=np.uint64)
+        g = first
+        while g < last:
+            l1, i = g >> self.l2_bits, g & (self.l2_size - 1)
+            m = min(last - g, self.l2_size - i)
+            resv = self._resv.get(l1)
+            if resv is not None:
+                out[g - first:g - first + m] = resv[i:i + m]
+            g += m
+        return out
+
+    def fill(self, guest_offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``guest_offset`` into reserved clusters (any byte range: what
+        is never filled in a reserved cluster reads as zeros).  Thread-safe: the data goes
+        straight to its place, without the builder's lock; the clusters are committed at
+        the next checkpoint."""
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        if n == 0:
+            return
+        cs = self.cluster_size
+        end = guest_offset + n
+        if guest_offset < 0 or end > self.size:
+            raise BuilderError(f"fill [{guest_offset:#x}, {end:#x}) beyond the virtual size "
+                               f"{self.size:#x}")
+        first, last = guest_offset // cs, -(-end // cs)
+        if self._resv_meta:
+            with self._lock:
+                self._write_reserved_meta()
+        w = self._dw if self._dw is not None else self._w
+        if w is None:
+            raise BuilderError("the builder is closed")
+        if last == first + 1:
+            # one cluster (the common case: a piece of a host-order read): no numpy
+            resv = self._resv.get(first >> self.l2_bits)
+            entry = int(resv[first & (self.l2_size - 1)]) if resv is not None else 0
+            if not entry:
+                raise BuilderError(f"guest cluster {first} was not reserved")
+            w.pwrite(mv, (entry & spec.L2E_OFFSET_MASK) + guest_offset - first * cs)
+            with self._lock:
+                self._mark_one(first)
+            return
+        entries = self._reserved_entries(first, last)
+        if not entries.all():
+            bad = first + int(np.argmin(entries != 0))
+            raise BuilderError(f"guest cluster {bad} was not reserved")
+        hosts = entries & np.uint64(spec.L2E_OFFSET_MASK)
+        # host-contiguous segments of the clusters, written one pwrite each
+        cuts = (np.flatnonzero(np.diff(hosts.astype(np.int64)) != cs) + 1).tolist()
+        bounds = [0] + cuts + [last - first]
+        rel = guest_offset - first * cs
+        for ja, jb in zip(bounds[:-1], bounds[1:]):
+            lo = max(ja * cs - rel, 0)
+            hi = min(jb * cs - rel, n)
+            w.pwrite(mv[lo:hi], int(hosts[ja]) + (rel if ja == 0 else 0))
+        with self._lock:
+            self._mark_filled(first, last)
+
+    def _mark_one(self, g: int) -> None:
+        l1, i = g >> self.l2_bits, g & (self.l2_size - 1)
+        filled = self._filled[l1]
+        if filled[i]:
+            return
+        filled[i] = True
+        e, b = self._l2_table(l1)
+        e[i] = self._resv[l1][i]
+        if b is not None:
+            b[i] = _ALL_ALLOC
+        self._dirty_l2.add(l1)
+        u = self._uncommitted
+        if u and u[-1][0] + u[-1][1] == g:
+            u[-1] = (u[-1][0], u[-1][1] + 1)
+        else:
+            u.append((g, 1))
+        self._uncommitted_bytes += self.cluster_size
+        if self._uncommitted_bytes >= self.checkpoint_bytes:
+            self._checkpoint()
+
+    def _mark_filled(self, first: int, last: int) -> None:
+        dirty = self._dirty_l2
+        g = first
+        newly_total = 0
+        while g < last:
+            l1, i = g >> self.l2_bits, g & (self.l2_size - 1)
+            m = min(last - g, self.l2_size - i)
+            filled = self._filled[l1][i:i + m]
+            newly = ~filled
+            if newly.any():
+                e, b = self._l2_table(l1)
+                e[i:i + m][newly] = self._resv[l1][i:i + m][newly]
+                if b is not None:
+                    b[i:i + m][newly] = _ALL_ALLOC
+                filled[newly] = True
+                dirty.add(l1)
+                starts, ends = true_runs(newly)
+                self._uncommitted.extend((g + s0, e0 - s0)
+                                         for s0, e0 in zip(starts.tolist(), ends.tolist()))
+                newly_total += int(newly.sum())
+            g += m
+        self._uncommitted_bytes += newly_total * self.cluster_size
+        if self._uncommitted_bytes >= self.checkpoint_bytes:
+            self._checkpoint()
+
+    def unreserve(self, *, keep: bool = False) -> np.ndarray:
+        """Settle the reserved clusters never filled; returns their guest cluster numbers.
+
+        By default they are given up: their refcounts drop to 0 (holes in the file,
+        never pointed at) and they may be written again.  ``keep`` keeps them in place,
+        committed as clusters that read as zeros (allocated zero clusters; in a version 2
+        image, which has none, data clusters over a hole of the file), so an image
+        reserved in guest order stays unfragmented."""
+        out: list[np.ndarray] = []
+        with self._lock:
+            if self._w is None:
+                raise BuilderError("the builder is closed")
+            self._write_reserved_meta()
+            a = self._a
+            touched: list[tuple[int, int]] = []
+            a.used.touched = touched
+            self._touched_rti = set()
+            zero_flag = np.uint64(spec.OFLAG_ZERO if self.options.version >= 3
+                                  and not self.geo.extended else 0)
+            try:
+                for l1 in sorted(self._resv):
+                    resv, filled = self._resv[l1], self._filled[l1]
+                    unfilled = (resv != 0) & ~filled
+                    if not unfilled.any():
+                        continue
+                    idx = np.flatnonzero(unfilled)
+                    out.append(idx + (l1 << self.l2_bits))
+                    if keep:
+                        e, b = self._l2_table(l1)
+                        e[idx] = resv[idx] | zero_flag
+                        if b is not None:
+                            b[idx] = _ALL_ZERO if self.options.version >= 3 else _ALL_ALLOC
+                        filled[idx] = True
+                        self._dirty_l2.add(l1)
+                        starts, ends = true_runs(unfilled)
+                        base = l1 << self.l2_bits
+                        self._uncommitted.extend((base + s0, e0 - s0)
+                                                 for s0, e0 in zip(starts.tolist(), ends.tolist()))
+                        continue
+                    if self._dw is None:
+                        hosts = (resv[idx] & np.uint64(spec.L2E_OFFSET_MASK)).astype(np.int64)
+                        brk = np.flatnonzero(np.diff(hosts, prepend=-1) != self.cluster_size)
+                        stops = np.append(brk[1:], len(hosts))
+                        for k0, k1 in zip(brk.tolist(), stops.tolist()):
+                            a.free_clusters(int(hosts[k0]), (k1 - k0) * self.cluster_size)
+                    resv[idx] = 0
+                    self._written[l1][idx] = False
+                w = self._w
+                for rti in sorted(self._rtis(touched)):
+                    w.pwrite(self._refcount_block(rti), int(a.reftable[rti]))
+            finally:
+                a.used.touched = []
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def finish(self) -> None:
-        """Flush what is queued and close the image."""
-        if self._w is not None:
-            self.flush()
-        self.close()
+        """Give up reservations never filled, flush what is queued and close the image."""
+        with self._lock:
+            if self._w is not None:
+                if self._resv:
+                    self.unreserve()
+                self.flush()
+            self.close()
 
     def close(self) -> None:
         """Close without writing what is still queued (dropped); batches already written
         are committed when that still works, else they stay leaked clusters (the image
         stays valid either way)."""
-        if self._w is not None:
-            if self._uncommitted and not self._torn:
-                with contextlib.suppress(OSError, Qcow2Error):
-                    self._checkpoint()
-            self._w.close()
-            self._w = None
-        if self._dw is not None:
-            self._dw.close()
-            self._dw = None
+        with self._lock:
+            if self._w is not None:
+                if (self._uncommitted or self._new_l2 or self._resv_meta) and not self._torn:
+                    with contextlib.suppress(OSError, Qcow2Error):
+                        self._checkpoint()
+                self._w.close()
+                self._w = None
+            if self._dw is not None:
+                self._dw.close()
+                self._dw = None
 
     # -- one batch ----------------------------------------------------------------
 
@@ -280,6 +600,22 @@ class ImageBuilder:
                  np.zeros(self.l2_size, dtype=np.uint64) if self.geo.extended else None)
             self._l2[l1_index] = t
         return t
+
+    def _place_l2(self, l1_indexes: list[int]) -> list[int]:
+        """Allocate the L2 tables of ``l1_indexes`` that have none yet, each with the next
+        ``L2_GROUP - 1`` ones (so guest-order data stays contiguous); returns the new ones."""
+        a = self._a
+        l1_size = a.l1.shape[0]
+        new_l2: list[int] = []
+        for l1_index in l1_indexes:
+            if l1_index in a.l2_tables:
+                continue
+            for j in range(l1_index, min(l1_index + L2_GROUP, l1_size)):
+                if j not in a.l2_tables:
+                    a.get_cluster_table(j << (self.cluster_bits + self.l2_bits))
+                    self._l2_table(j)
+                    new_l2.append(j)
+        return new_l2
 
     def _alloc_compressed(self, nbytes: int) -> int:
         """Byte offset for a compressed stream, packed as QEMU's ``qcow2_alloc_bytes`` packs
@@ -350,16 +686,18 @@ class ImageBuilder:
 
     def flush(self) -> None:
         """Write what is queued and commit it (a checkpoint, see the module docstring)."""
-        if self._w is None:
-            raise BuilderError("the builder is closed")
-        self._write_batch()
-        self._checkpoint()
+        with self._lock:
+            if self._w is None:
+                raise BuilderError("the builder is closed")
+            self._write_batch()
+            self._checkpoint()
 
     def _write_batch(self) -> None:
         """Step 1 for the queued clusters: data, new (zeroed) L2 tables, refcount blocks, a
         new refcount table; their L2 entries wait in memory for the next checkpoint."""
         w = self._w
         assert w is not None
+        self._write_reserved_meta()
         if not self._pending:
             return
         self._torn = True        # until the batch is written: its L2 entries point nowhere yet
@@ -372,19 +710,10 @@ class ImageBuilder:
         self._touched_rti = set()
 
         # placement: L2 tables first (in groups), then the clusters in the order written
-        l1_size = a.l1.shape[0]
-        new_l2: list[int] = []
         spanned: set[int] = set()
         for first, count, _, _ in pending:
             spanned.update(range(first >> self.l2_bits, ((first + count - 1) >> self.l2_bits) + 1))
-        for l1_index in sorted(spanned):
-            if l1_index in a.l2_tables:
-                continue
-            for j in range(l1_index, min(l1_index + L2_GROUP, l1_size)):
-                if j not in a.l2_tables:
-                    a.get_cluster_table(j << (cb + self.l2_bits))
-                    self._l2_table(j)
-                    new_l2.append(j)
+        new_l2 = self._place_l2(sorted(spanned))
         writes: list[tuple[int, list[bytes | memoryview]]] = []   # host-contiguous runs
         dirty_l2 = self._dirty_l2
         data_writes: list[tuple[int, list[bytes | memoryview]]] = []
@@ -456,7 +785,8 @@ class ImageBuilder:
         barrier: the refcount table, then the L2 tables, then the L1 entries."""
         w = self._w
         assert w is not None
-        if not self._uncommitted:
+        self._write_reserved_meta()
+        if not (self._uncommitted or self._new_l2 or self._reftable_changed()):
             return
         a = self._a
         cs, cb = self.cluster_size, self.cluster_bits
@@ -504,11 +834,16 @@ class ImageBuilder:
                 w.sync()
         committed = self._uncommitted
         self._start_checkpoint()
-        if self.on_commit is not None:
+        if self.on_commit is not None and committed:
             self.on_commit(np.concatenate([np.arange(first, first + count, dtype=np.int64)
                                            for first, count in committed]))
         if new_l2:
             w.step()
+
+    def _reftable_changed(self) -> bool:
+        a = self._a
+        return (a.reftable_offset != self._old_reftable_offset
+                or not np.array_equal(self._old_reftable, a.reftable))
 
     def _start_checkpoint(self) -> None:
         self._dirty_l2: set[int] = set()
@@ -517,6 +852,45 @@ class ImageBuilder:
         self._uncommitted_bytes = 0
         self._old_reftable = self._a.reftable.copy()
         self._old_reftable_offset = self._a.reftable_offset
+
+
+def _as_created(path: str) -> tuple[int, list[str], str | None, str | None]:
+    """The ``create`` arguments that would have written the image at ``path``: its size,
+    its ``-o`` options, its backing file name and format."""
+    from .image import Image
+
+    with Image.open(path, follow_backing=False, locking=False) as img:
+        h = img.header
+        opts = [f"compat={'1.1' if h.version >= 3 else '0.10'}",
+                f"cluster_size={h.cluster_size}", f"refcount_bits={h.refcount_bits}"]
+        if h.extended_l2:
+            opts.append("extended_l2=on")
+        if h.lazy_refcounts:
+            opts.append("lazy_refcounts=on")
+        if h.version >= 3 and h.compression_type != spec.COMPRESSION_ZLIB:
+            opts.append(f"compression_type={h.compression_name}")
+        if h.has_data_file and h.data_file:
+            opts.append(f"data_file={h.data_file.replace(',', ',,')}")
+            if h.data_file_raw:
+                opts.append("data_file_raw=on")
+        return img.size, [",".join(opts)], h.backing_file or None, h.backing_format or None
+
+
+def _check_as_planned(path: str, plan: CreatePlan) -> None:
+    """Refuse an existing image that is not, byte for byte, what create would write (an
+    image with data, snapshots, bitmaps, preallocation, encryption...): the builder can
+    only continue an image whose allocation it knows."""
+    def refuse(why: str) -> BuilderError:
+        return BuilderError(f"{path}: only an empty image as qemu-img create writes it can be "
+                            f"written into ({why})", path=path)
+    with open(path, "rb") as f:
+        length = os.fstat(f.fileno()).st_size
+        if length != plan.file_length:
+            raise refuse(f"its file is {length} bytes long, an empty one {plan.file_length}")
+        chunks = [(0, plan.header), *plan.metadata_chunks()]
+        for off, chunk in chunks:
+            if os.pread(f.fileno(), len(chunk), off) != chunk:
+                raise refuse(f"the metadata at offset {off:#x} differs")
 
 
 def nonzero_clusters(buf: bytes, cluster_size: int) -> np.ndarray:

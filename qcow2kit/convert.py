@@ -1,28 +1,64 @@
-"""Conversion of an image's guest content to a raw file (``qemu-img convert -O raw``).
+"""Conversion of an image's guest content to a raw file or a new qcow2 image
+(``qemu-img convert -O raw|qcow2``).
 
 The copy runs on the block-copy engine (:mod:`qcow2kit.blockcopy`): reads in
 host order by default, ``workers`` of them at once, retried on I/O errors.
-The output is sparse where the guest reads zeros: ranges the chain knows to
-be zero are never read, and data read from the image is written only in
-4 KiB blocks that are not all zero (qemu-img's default ``-S 4k``), so the
-result has the same bytes and the same holes a qemu-img conversion has.
+
+- raw: the output is sparse where the guest reads zeros: ranges the chain knows
+  to be zero are never read, and data read from the image is written only in
+  4 KiB blocks that are not all zero (qemu-img's default ``-S 4k``), so the
+  result has the same bytes and the same holes a qemu-img conversion has.
+- qcow2: a new image written by the image builder (:mod:`qcow2kit.builder`),
+  whose clusters are reserved in guest order before the copy starts, so the
+  output is unfragmented while the source is read front to back (see
+  :mod:`qcow2kit.blockcopy.qcow2target`); a cluster is allocated when it holds
+  a non-zero byte, as with qemu-img.  ``compress`` (``-c``) stores compressed
+  clusters; ``backing_file`` (``-B``) leaves unallocated what the source's own
+  backing chain provides, as qemu-img does: the new backing file is taken to
+  have that content.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from typing import Callable
+
+import numpy as np
 
 from .blockcopy import (DEFAULT_CHUNK, DEFAULT_MAX_INFLIGHT, DEFAULT_MIN_SPARSE, DEFAULT_WORKERS,
                         CopyJob, CopyResult, RawFileTarget, read_source)
 from .blockcopy.engine import DEFAULT_BACKOFF, DEFAULT_RETRIES
-from .errors import CopyIncompleteError
+from .blockcopy.qcow2target import Qcow2Target, reserve_data
+from .builder import ImageBuilder
+from .createopts import backing_virtual_size, full_backing_name
+from .errors import CopyIncompleteError, TargetError
 from .image import Image
-from .mapping import DEFAULT_MEMORY
-from .target import open_raw_target, source_files
+from .mapping import DEFAULT_MEMORY, FLAG_DATA, FLAG_ZERO, resolved_batches
+from .target import check_new_target, open_raw_target, remove_created, source_files
 
 #: failed ranges named in the one line of a CopyIncompleteError
 _LISTED = 4
+
+
+class _Progress:
+    """The callbacks of one conversion: totals (retries add to them) and increments."""
+
+    def __init__(self, total: int, progress: Callable[[int], None] | None,
+                 on_total: Callable[[int], None] | None) -> None:
+        self.done = 0
+        self.total = total
+        self.progress = progress
+        self.on_total = on_total
+
+    def __call__(self, done: int, new_total: int) -> None:
+        if new_total != self.total:
+            self.total = new_total
+            if self.on_total is not None:
+                self.on_total(new_total)
+        if self.progress is not None and done > self.done:
+            self.progress(done - self.done)
+        self.done = max(self.done, done)
 
 
 def convert_to_raw(img: Image, dst: str | os.PathLike[str], *,
@@ -32,7 +68,7 @@ def convert_to_raw(img: Image, dst: str | os.PathLike[str], *,
                    max_inflight: int = DEFAULT_MAX_INFLIGHT,
                    min_sparse: int = DEFAULT_MIN_SPARSE, rate_limit: int | None = None,
                    retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
-                   fsync: bool = False,
+                   fsync: bool = False, existing: bool = False,
                    on_total: Callable[[int], None] | None = None) -> CopyResult:
     """Write ``img``'s guest content to ``dst`` as a sparse raw file; returns the job's result.
 
@@ -45,7 +81,9 @@ def convert_to_raw(img: Image, dst: str | os.PathLike[str], *,
     ``-S`` (0: write everything, the output is fully allocated) and
     ``rate_limit`` its ``-r`` (bytes per second).  Like qemu-img convert
     (whose target cache mode is "unsafe"), the output is not flushed unless
-    ``fsync``.
+    ``fsync``.  ``existing`` is qemu-img's ``-n``: ``dst`` must exist, at least
+    as large as the image; it keeps its length, and what the guest reads as
+    zeros is made zeros there (holes punched).
 
     Nothing is written before the whole source has been opened and its
     tables validated, and ``dst`` is opened through
@@ -69,21 +107,12 @@ def convert_to_raw(img: Image, dst: str | os.PathLike[str], *,
     # Plans (host order: every L2 table of the chain read and checked before the
     # first read) before the target is touched: a corrupt table stops us here.
     total = source.start(want_total=on_total is not None or order == "guest")
-    state = {"done": 0, "total": total}
-
-    def report(done: int, new_total: int) -> None:
-        if new_total != state["total"]:
-            state["total"] = new_total
-            if on_total is not None:
-                on_total(new_total)
-        if progress is not None and done > state["done"]:
-            progress(done - state["done"])
-        state["done"] = max(state["done"], done)
-
-    with open_raw_target(dst, img.size, avoid) as fd_target:
+    report = _Progress(total, progress, on_total)
+    with open_raw_target(dst, img.size, avoid, existing=existing) as fd_target:
         if on_total is not None:
             on_total(total)
-        target = RawFileTarget(fd_target.fd, fd_target.path, img.size)
+        target = RawFileTarget(fd_target.fd, fd_target.path, img.size,
+                               zero_initialized=not existing)
         job = CopyJob(source, target, workers=workers, max_inflight=max_inflight,
                       min_sparse=min_sparse, rate_limit=rate_limit, retries=retries,
                       backoff=backoff, progress=report)
@@ -95,6 +124,165 @@ def convert_to_raw(img: Image, dst: str | os.PathLike[str], *,
     if result.failed:
         raise incomplete_error(fd_target.path, result)
     return result
+
+
+def convert_to_qcow2(img: Image, dst: str | os.PathLike[str], *,
+                     options: Sequence[str] = (), compress: bool = False,
+                     backing_file: str | None = None, backing_fmt: str | None = None,
+                     progress: Callable[[int], None] | None = None,
+                     order: str = "host", memory: int = DEFAULT_MEMORY,
+                     workers: int = DEFAULT_WORKERS, max_chunk: int = DEFAULT_CHUNK,
+                     max_inflight: int = DEFAULT_MAX_INFLIGHT,
+                     min_sparse: int = DEFAULT_MIN_SPARSE, rate_limit: int | None = None,
+                     retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
+                     fsync: bool = False, existing: bool = False,
+                     on_total: Callable[[int], None] | None = None) -> CopyResult:
+    """Write ``img``'s guest content to a new qcow2 image ``dst``; returns the job's result.
+
+    ``options`` are qemu-img's ``-o`` strings for the new image (``cluster_size=...``,
+    ``compat=...``, ``compression_type=...``...; not ``preallocation``), ``compress``
+    its ``-c``, ``backing_file``/``backing_fmt`` its ``-B``/``-F`` (the name is stored
+    as given, relative to ``dst``'s directory; the file must exist).  The other
+    arguments are :func:`convert_to_raw`'s.  ``fsync`` flushes at each of the
+    builder's checkpoints (its "writeback" mode) instead of never (qemu-img's
+    "unsafe", the default).  ``existing`` is qemu-img's ``-n``: ``dst`` exists, at least
+    as large as the source, and is an empty image exactly as ``qemu-img create`` wrote it
+    (anything else is refused); its options, size and backing file stay, and what the
+    source reads as zeros becomes zero clusters (version 3), as qemu-img writes them.
+
+    As for raw: every file of the source is opened and its tables read before
+    ``dst`` is created; ``dst`` (and an external data file named in ``options``) may
+    not be any file the source reads, nor in use by QEMU; a file this call created
+    is removed again when it fails.  After failed source ranges (kept as zeros) the
+    image is completed and :class:`qcow2kit.errors.CopyIncompleteError` raised.
+    """
+    dst = os.fspath(dst)
+    avoid = source_files(img)
+    source = read_source(img, order, memory=memory, max_chunk=max_chunk)
+    total = source.start(want_total=on_total is not None or order == "guest")
+    report = _Progress(total, progress, on_total)
+    before = check_new_target(dst, avoid)
+    if existing:
+        if before is None:
+            raise TargetError(f"Could not open '{dst}': Could not open '{dst}': "
+                              f"No such file or directory", path=dst)
+    backing_size = 0
+    if backing_file is not None:
+        backing_size, _ = backing_virtual_size(full_backing_name(dst, backing_file),
+                                               backing_fmt or "")
+    # The image (and a data file) are created only after every option has been checked.
+    builder = ImageBuilder(dst, img.size, create_options=options, backing_file=backing_file,
+                           backing_fmt=backing_fmt, cache="writeback" if fsync else "unsafe",
+                           check_files=lambda path: check_new_target(path, avoid),
+                           existing=existing)
+    data_before = builder.data_file_before
+    try:
+        if builder.size < img.size:
+            raise TargetError("output file is smaller than input file", path=dst)
+        zeros = ("hide" if backing_file is not None or (existing and builder.options.backing_file)
+                 else "zero" if existing else "none")
+        target = Qcow2Target(builder, compress=compress, zeros=zeros)
+        job = CopyJob(source, target, workers=workers, max_inflight=max_inflight,
+                      min_sparse=min_sparse, rate_limit=rate_limit, retries=retries,
+                      backoff=backoff, progress=report)
+        unit = max(job.bitmap.granularity, builder.cluster_size)
+        if backing_file is not None:
+            keep = list(_own_ranges(img, unit, backing_size, memory))
+            pos = 0
+            for a, n in keep + [(img.size, 0)]:
+                if a > pos:
+                    job.bitmap.clear(pos, a - pos)
+                pos = a + n
+        else:
+            keep = [(0, img.size)]
+        if not compress:
+            if min_sparse == 0:
+                reserve_data(builder, keep)
+            else:
+                reserve_data(builder, _intersect(_data_ranges(img, memory), keep))
+        if on_total is not None:
+            on_total(total)
+        result = job.run()
+        if result.stopped is not None:
+            raise result.stopped
+        target.finish()
+    except BaseException:
+        builder.close()
+        if existing:
+            raise
+        remove_created(dst, before)
+        if builder.options.data_file is not None:
+            remove_created(builder.options.data_file, data_before)
+        raise
+    if result.failed:
+        raise incomplete_error(dst, result)
+    return result
+
+
+def _data_ranges(img: Image, memory: int) -> Iterator[tuple[int, int]]:
+    """The guest ranges that hold data through the chain, adjacent ones merged."""
+    cur_a = cur_e = -1
+    for runs in resolved_batches(img, memory=memory):
+        f = runs["flags"]
+        data = runs[((f & np.uint8(FLAG_DATA)) != 0) & ((f & np.uint8(FLAG_ZERO)) == 0)]
+        if not data.size:
+            continue
+        starts = data["start"].astype(np.int64)
+        ends = starts + data["length"].astype(np.int64)
+        brk = np.flatnonzero(starts[1:] != ends[:-1]) + 1
+        for i, j in zip(np.concatenate(([0], brk)).tolist(),
+                        np.concatenate((brk, [len(starts)])).tolist()):
+            a, e = int(starts[i]), int(ends[j - 1])
+            if a == cur_e:
+                cur_e = e
+                continue
+            if cur_e > cur_a >= 0:
+                yield cur_a, cur_e - cur_a
+            cur_a, cur_e = a, e
+    if cur_e > cur_a >= 0:
+        yield cur_a, cur_e - cur_a
+
+
+def _own_ranges(img: Image, unit: int, backing_size: int, memory: int
+                ) -> Iterator[tuple[int, int]]:
+    """What a target with a backing file must hold itself (``-B``), in whole ``unit``s:
+    the ranges the source's top image decides (data or zeros; everything when it has no
+    backing file), except zeros beyond the end of the new backing file (it reads zeros
+    there already).  Merged and in guest order."""
+    cur_a = cur_e = -1
+    for runs in resolved_batches(img, memory=memory):
+        f = runs["flags"]
+        data = ((f & np.uint8(FLAG_DATA)) != 0) & ((f & np.uint8(FLAG_ZERO)) == 0)
+        own = (runs["depth"] == 0) | (len(img.chain()) == 1)
+        starts = runs["start"].astype(np.int64)
+        ends = starts + runs["length"].astype(np.int64)
+        own &= data | (starts < backing_size)
+        for a, e in zip(starts[own].tolist(), ends[own].tolist()):
+            a, e = a // unit * unit, min(-(-e // unit) * unit, img.size)
+            if a <= cur_e:
+                cur_e = max(cur_e, e)
+                continue
+            if cur_e > cur_a >= 0:
+                yield cur_a, cur_e - cur_a
+            cur_a, cur_e = a, e
+    if cur_e > cur_a >= 0:
+        yield cur_a, cur_e - cur_a
+
+
+def _intersect(runs: Iterator[tuple[int, int]], keep: list[tuple[int, int]]
+               ) -> Iterator[tuple[int, int]]:
+    """``runs`` within ``keep`` (both sorted)."""
+    k = 0
+    for a, n in runs:
+        e = a + n
+        while k < len(keep) and keep[k][0] + keep[k][1] <= a:
+            k += 1
+        j = k
+        while j < len(keep) and keep[j][0] < e:
+            lo, hi = max(a, keep[j][0]), min(e, keep[j][0] + keep[j][1])
+            if hi > lo:
+                yield lo, hi - lo
+            j += 1
 
 
 def incomplete_error(path: str, result: CopyResult) -> CopyIncompleteError:

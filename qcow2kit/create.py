@@ -371,6 +371,23 @@ def prepare(req: CreateRequest) -> Prepared:
         raise
 
 
+def request(filename: str, size: int | str | None = None, *,
+            options: Mapping[str, object] | Sequence[str] = (),
+            backing_file: str | None = None, backing_fmt: str | None = None,
+            unsafe: bool = False) -> CreateRequest:
+    """The request of a :func:`create` call (``options`` as -o strings or a mapping)."""
+    if isinstance(options, Mapping):
+        items = []
+        for k, v in options.items():
+            text = ("on" if v else "off") if isinstance(v, bool) else str(v)
+            items.append(f"{k}={text.replace(',', ',,')}")
+        opt_lists: Sequence[str] = [",".join(items)] if items else []
+    else:
+        opt_lists = list(options)
+    return CreateRequest(filename, None if size is None else str(size), opt_lists,
+                         backing_file, backing_fmt, unsafe)
+
+
 def create(filename: str, size: int | str | None = None, *,
            options: Mapping[str, object] | Sequence[str] = (),
            backing_file: str | None = None, backing_fmt: str | None = None,
@@ -382,15 +399,7 @@ def create(filename: str, size: int | str | None = None, *,
     qemu-img's ``-u`` (the backing file is not opened); ``sync=False`` leaves out
     the fsyncs (see :func:`write_plan`).
     """
-    if isinstance(options, Mapping):
-        items = []
-        for k, v in options.items():
-            text = ("on" if v else "off") if isinstance(v, bool) else str(v)
-            items.append(f"{k}={text.replace(',', ',,')}")
-        opt_lists: Sequence[str] = [",".join(items)] if items else []
-    else:
-        opt_lists = list(options)
-    prepared = prepare(CreateRequest(filename, None if size is None else str(size), opt_lists,
-                                     backing_file, backing_fmt, unsafe))
+    prepared = prepare(request(filename, size, options=options, backing_file=backing_file,
+                               backing_fmt=backing_fmt, unsafe=unsafe))
     write_plan(prepared.plan, sync=sync)
     return prepared.plan

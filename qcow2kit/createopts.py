@@ -349,7 +349,7 @@ def _check_img_create(filename: str, opts: ParsedOptions, size: int | None,
             raise _file_error(filename, "Expected backing file name, got empty string",
                               "backing_file")
     if bfile is not None and open_backing:
-        full = _full_backing_name(filename, bfile)
+        full = full_backing_name(filename, bfile)
         if bfmt is not None and bfmt not in BACKING_FORMATS:
             raise _file_error(filename, f"Unknown driver '{bfmt}'", "backing_fmt")
         if bfmt is not None and bfmt not in READABLE_BACKING_FORMATS:
@@ -490,7 +490,7 @@ def _check_qcow2_create(filename: str, opts: ParsedOptions, sized: _Sized) -> Cr
                          data_file=data_file, data_file_raw=raw, preallocation=prealloc)
 
 
-def _full_backing_name(filename: str, backing: str) -> str:
+def full_backing_name(filename: str, backing: str) -> str:
     """The backing file as QEMU opens it: relative names are relative to the image's directory."""
     if os.path.isabs(backing):
         return backing

@@ -130,12 +130,43 @@ def _refuse(path: str, why: str) -> TargetError:
     return TargetError(f"{path}: cannot write the target: {why}", path=path)
 
 
+def check_new_target(path: str | os.PathLike[str], avoid: dict[FileId, str]) -> FileId | None:
+    """Step 2 for a target another writer creates (the image builder): ``path`` may not be
+    any file of ``avoid`` nor anything but a regular file.  Returns the (device, inode) of
+    the file there now, None when there is none (the caller's to remove on failure)."""
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _refuse(path, exc.strerror or str(exc)) from exc
+    if (st.st_dev, st.st_ino) in avoid:
+        raise _refuse(path, f"it is {avoid[(st.st_dev, st.st_ino)]}")
+    why = _kind(st.st_mode)
+    if why:
+        raise _refuse(path, f"it {why}")
+    return (st.st_dev, st.st_ino)
+
+
+def remove_created(path: str | os.PathLike[str], before: FileId | None) -> None:
+    """Remove ``path`` when it did not exist ``before`` (:func:`check_new_target`)."""
+    if before is not None:
+        return
+    try:
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 def open_raw_target(path: str | os.PathLike[str], size: int,
-                    avoid: dict[FileId, str]) -> RawTarget:
+                    avoid: dict[FileId, str], *, existing: bool = False) -> RawTarget:
     """Open ``path`` to receive ``size`` bytes of raw guest data (steps 2 to 5 above).
 
     ``avoid`` is :func:`source_files` of the source: a target that is any of
-    them is refused.
+    them is refused.  ``existing`` (qemu-img's ``-n``) opens a file that must
+    exist and be at least ``size`` bytes long, and keeps its length and content.
     """
     path = os.fspath(path)
     cloexec = getattr(os, "O_CLOEXEC", 0)
@@ -151,6 +182,12 @@ def open_raw_target(path: str | os.PathLike[str], size: int,
         why = _kind(st.st_mode)
         if why:
             raise _refuse(path, f"it {why}")
+    if existing and st is None:
+        # qemu-img's words, the reason included twice as it says it
+        raise TargetError(f"Could not open '{path}': Could not open '{path}': "
+                          f"No such file or directory", path=path)
+    if existing and st is not None and st.st_size < size:
+        raise TargetError("output file is smaller than input file", path=path)
     created = st is None
     try:
         if created:
@@ -169,13 +206,14 @@ def open_raw_target(path: str | os.PathLike[str], size: int,
             raise _refuse(path, f"it {why}")
         lock_for_writing(fd, path)
         try:
-            if st2.st_size:
+            if st2.st_size and not existing:
                 # Empty it first, so what it held does not show through the new holes.
                 # Only when it held something: on ext4 a truncation to 0 makes close()
                 # flush every delayed allocation (its auto_da_alloc rule), which cost a
                 # fresh 1 GiB conversion two seconds of waiting.
                 os.ftruncate(fd, 0)
-            os.ftruncate(fd, size)
+            if not existing:
+                os.ftruncate(fd, size)
         except OSError as exc:
             raise _refuse(path, f"cannot set its size to {size}: "
                                 f"{exc.strerror or exc}") from exc

@@ -7,6 +7,7 @@ The images of `factory_images` are shared by the whole session: treat them as re
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -73,3 +74,18 @@ def clone_image(tmp_path):
     def clone(case: factory.ImageCase) -> factory.ImageCase:
         return factory.clone_case(case, tmp_path)
     return clone
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """An 8 MiB tmpfs (root only; skipped otherwise): a target that runs out of space."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(mnt)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

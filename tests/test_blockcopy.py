@@ -371,20 +371,6 @@ def test_persistent_bad_range_is_reported_exactly(patterned, tmp_path):
         assert out.read_bytes() == want
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(mnt)],
-                       capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
 @pytest.mark.qemu
 def test_target_runs_out_of_space(tmp_path, small_tmpfs):
     img = _write_image(tmp_path, "big.qcow2", "32M", "write -P 0x5a 0 20M")

@@ -256,7 +256,7 @@ def test_progress_counts_data_and_ends_with_a_summary(chain, tmp_path):
 
 @pytest.mark.parametrize("argv,command", [
     (["info", "--bogus", "x"], "info"),
-    (["convert"], "convert"),
+    (["convert", "--bogus", "x", "y"], "convert"),
     (["map"], "map"),
     (["map", "--output=yaml", "x"], "map"),
     (["bench", "order", "--nope", "x"], "bench order"),

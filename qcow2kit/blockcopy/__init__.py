@@ -4,6 +4,7 @@
 ``tasks``   the reads of a source in host or guest order, and the tasks cut from them
 ``sparse``  which parts of a buffer are data and which zeros (``-S``)
 ``target``  the target interface, and the raw file target
+``qcow2target``  a new qcow2 image as target (the image builder), reserved in guest order
 ``engine``  the job: workers, in-flight bound, retry with backoff, discard, progress, rate limit
 
 Usage::

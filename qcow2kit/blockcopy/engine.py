@@ -161,6 +161,9 @@ class CopyJob:
         self.workers = workers
         self.max_inflight = max_inflight
         self.min_sparse = min_sparse
+        # zeros are looked for in blocks of at least the target's unit (a qcow2 target
+        # stores whole clusters, as qemu-img's does)
+        self.sparse = min_sparse and max(min_sparse, target.sparse_block)
         self.rate = RateLimit(rate_limit) if rate_limit else None
         self.retries = retries
         self.backoff = backoff
@@ -408,7 +411,7 @@ class CopyJob:
                     continue
                 seg = data[at + lo - g:at + hi - g]
                 pos = 0
-                for s, e in data_runs(seg, lo, self.min_sparse):
+                for s, e in data_runs(seg, lo, self.sparse):
                     if s > pos:
                         zeros.append((lo + pos, s - pos))
                     writes.append((lo + s, seg[s:e]))

@@ -34,6 +34,8 @@ class CopyTarget:
     zero_initialized: bool = False
     #: methods may run in several threads at once (else the engine calls one at a time)
     threadsafe: bool = True
+    #: the smallest block the engine looks for zeros in (with ``-S``; 0: the engine's)
+    sparse_block: int = 0
 
     def write(self, offset: int, data: memoryview) -> None:
         raise NotImplementedError
