@@ -28,8 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             data files) and its tables have been read and checked.  DST is refused
             when it is the source or any file of its chain (whatever the path), or
             when a QEMU process uses it; otherwise it is created, or an existing
-            file is truncated.  If the conversion fails or is interrupted (exit 130
-            on ^C, 143 on SIGTERM), a DST this run created is removed.
+            file is truncated (with -n: written into, nothing else changed).  If the
+            conversion fails or is interrupted (exit 130 on ^C, 143 on SIGTERM), a
+            DST this run created is removed.
 
             By default the stored data is read in host-offset order (each file of
             the chain front to back), which turns a fragmented image's random reads
