@@ -292,34 +292,50 @@ class HostReadItem:
 @dataclass
 class ReadSpec:
     """One pread the host-order reader will issue: ``length`` bytes at ``host`` in file
-    ``file``, covering ``runs`` (RUN_DTYPE rows); ``compressed`` for a compressed stream."""
+    ``file``, covering ``runs`` (RUN_DTYPE rows); ``compressed`` for a compressed stream.
+    ``pieces``, when :func:`read_specs` made the spec, is what :func:`spec_pieces` says."""
 
     file: int
     host: int
     length: int
     compressed: bool
     runs: np.ndarray
+    pieces: list[tuple[int, int, int]] | None = None
 
 
 def read_specs(plan: HostOrderPlan) -> Iterator[ReadSpec]:
     """The preads of a plan, in order (requests longer than max_request cut in pieces)."""
     max_request = plan.max_request
     for reqs, runs in plan:
-        for r in reqs:
-            f, host, rlen = int(r["file"]), int(r["host"]), int(r["length"])
-            first, nr = int(r["first_run"]), int(r["nruns"])
+        if reqs.shape[0] == 0:
+            continue
+        # Plain lists per window: a copy asks for every read's pieces, one by one.
+        guest, length, host = (runs["guest"].tolist(), runs["length"].tolist(),
+                               runs["host"].tolist())
+        for f, h, rlen, first, nr, comp in zip(
+                reqs["file"].tolist(), reqs["host"].tolist(), reqs["length"].tolist(),
+                reqs["first_run"].tolist(), reqs["nruns"].tolist(),
+                reqs["compressed"].tolist()):
             rs = runs[first:first + nr]
-            if r["compressed"] or rlen <= max_request:
-                yield ReadSpec(f, host, rlen, bool(r["compressed"]), rs)
+            if comp:
+                yield ReadSpec(f, h, rlen, True, rs)
                 continue
-            for pos in range(0, rlen, max_request):
-                yield ReadSpec(f, host + pos, min(max_request, rlen - pos), False, rs)
+            for pos in range(0, max(rlen, 1), max_request):
+                lo, hi = h + pos, h + min(rlen, pos + max_request)
+                pieces = []
+                for k in range(first, first + nr):
+                    a, b = max(host[k], lo), min(host[k] + length[k], hi)
+                    if b > a:
+                        pieces.append((guest[k] + (a - host[k]), b - a, a - lo))
+                yield ReadSpec(f, lo, hi - lo, False, rs, pieces)
 
 
 def spec_pieces(plan: HostOrderPlan, spec: ReadSpec) -> list[tuple[int, int, int]]:
     """Where the bytes of one read belong, without reading: ``(guest, length, at)`` for each
     guest range, ``at`` being its offset in the bytes :func:`read_one` returns for the
     read (decompressed, for a compressed stream)."""
+    if spec.pieces is not None:
+        return spec.pieces
     rs = spec.runs
     if spec.compressed:
         layer = plan.layers[spec.file]

@@ -62,6 +62,8 @@ class Task:
     #: parts of ``ranges`` discarded since the task was created: never written
     cancelled: list[Range] = field(default_factory=list)
     writing: bool = False
+    #: ``(guest, length, at)`` of each range: its bytes are ``data[at:at+length]`` of the read
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -74,9 +76,13 @@ class Task:
 def cut(bitmap: CopyBitmap, read: Read) -> Task | None:
     """The task of ``read``: the set bits inside its guest ranges, taken (cleared) now."""
     ranges: list[Range] = []
-    for g, n, _ in read.pieces:
-        ranges += bitmap.take(g, n)
-    return Task(read, ranges) if ranges else None
+    segments: list[tuple[int, int, int]] = []
+    take = bitmap.take
+    for g, n, at in read.pieces:
+        for a, m in take(g, n):
+            ranges.append((a, m))
+            segments.append((a, m, at + a - g))
+    return Task(read, ranges, segments=segments) if ranges else None
 
 
 def job_granularity(img: Image, max_chunk: int) -> int:
