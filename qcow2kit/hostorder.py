@@ -243,6 +243,30 @@ class HostOrderPlan:
             yield reqs
 
 
+class GuestOrderPlan(HostOrderPlan):
+    """The same reads in guest order: each window's runs as the tables list them, unsorted,
+    host-contiguous neighbours coalesced (what :func:`guest_order_requests` counts).
+
+    Iterating yields ``(requests, runs)`` pairs as :class:`HostOrderPlan` does, so
+    :func:`read_specs` and :func:`read_spec` read them (in parallel, without the chain's
+    caches).  No reverse map, no sort: guest order is the order of the L2 scan.
+    """
+
+    def __init__(self, img: Image, start: int = 0, length: int | None = None, *,
+                 memory: int = DEFAULT_MEMORY, max_request: int = DEFAULT_MAX_REQUEST) -> None:
+        super().__init__(img, start, length, memory=memory, max_request=max_request,
+                         use_rmap=False)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        self.stats = PlanStats()
+        for runs in self._scan():
+            runs = _fix_compressed(self.layers, runs)
+            self.stats.runs += runs.shape[0]
+            self.stats.data_bytes += int(runs["length"].sum())
+            self.stats.windows += 1
+            yield coalesce(runs, max_request=self.max_request), runs
+
+
 def _data_size(layer: Image | RawImage) -> int:
     if isinstance(layer, Image):
         return layer.data_source.size
@@ -365,6 +389,18 @@ def read_spec(plan: HostOrderPlan, spec: ReadSpec) -> memoryview:
         return memoryview(layer.inflate(spec.host, spec.length))
     src = layer.data_source if isinstance(layer, Image) else layer.src
     return memoryview(src.read_padded(spec.host, spec.length, field="data cluster"))
+
+
+def read_spec_into(plan: HostOrderPlan, spec: ReadSpec, buf: memoryview) -> None:
+    """:func:`read_spec` of a read that is not compressed, into ``buf`` (its length)."""
+    assert not spec.compressed and len(buf) == spec.length
+    layer = plan.layers[spec.file]
+    src = layer.data_source if isinstance(layer, Image) else layer.src
+    avail = max(0, min(spec.length, src.size - spec.host))
+    if avail:
+        src.readinto_at(spec.host, buf[:avail], field="data cluster")
+    if avail < spec.length:              # past the end of the file: zeros, as read_padded
+        buf[avail:] = bytes(spec.length - avail)
 
 
 def read_one(plan: HostOrderPlan, spec: ReadSpec) -> HostReadItem:
