@@ -243,6 +243,30 @@ class HostOrderPlan:
             yield reqs
 
 
+class GuestOrderPlan(HostOrderPlan):
+    """The same reads in guest order: each window's runs as the tables list them, unsorted,
+    host-contiguous neighbours coalesced (what :func:`guest_order_requests` counts).
+
+    Iterating yields ``(requests, runs)`` pairs as :class:`HostOrderPlan` does, so
+    :func:`read_specs` and :func:`read_spec` read them (in parallel, without the chain's
+    caches).  No reverse map, no sort: guest order is the order of the L2 scan.
+    """
+
+    def __init__(self, img: Image, start: int = 0, length: int | None = None, *,
+                 memory: int = DEFAULT_MEMORY, max_request: int = DEFAULT_MAX_REQUEST) -> None:
+        super().__init__(img, start, length, memory=memory, max_request=max_request,
+                         use_rmap=False)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        self.stats = PlanStats()
+        for runs in self._scan():
+            runs = _fix_compressed(self.layers, runs)
+            self.stats.runs += runs.shape[0]
+            self.stats.data_bytes += int(runs["length"].sum())
+            self.stats.windows += 1
+            yield coalesce(runs, max_request=self.max_request), runs
+
+
 def _data_size(layer: Image | RawImage) -> int:
     if isinstance(layer, Image):
         return layer.data_source.size
@@ -292,34 +316,50 @@ class HostReadItem:
 @dataclass
 class ReadSpec:
     """One pread the host-order reader will issue: ``length`` bytes at ``host`` in file
-    ``file``, covering ``runs`` (RUN_DTYPE rows); ``compressed`` for a compressed stream."""
+    ``file``, covering ``runs`` (RUN_DTYPE rows); ``compressed`` for a compressed stream.
+    ``pieces``, when :func:`read_specs` made the spec, is what :func:`spec_pieces` says."""
 
     file: int
     host: int
     length: int
     compressed: bool
     runs: np.ndarray
+    pieces: list[tuple[int, int, int]] | None = None
 
 
 def read_specs(plan: HostOrderPlan) -> Iterator[ReadSpec]:
     """The preads of a plan, in order (requests longer than max_request cut in pieces)."""
     max_request = plan.max_request
     for reqs, runs in plan:
-        for r in reqs:
-            f, host, rlen = int(r["file"]), int(r["host"]), int(r["length"])
-            first, nr = int(r["first_run"]), int(r["nruns"])
+        if reqs.shape[0] == 0:
+            continue
+        # Plain lists per window: a copy asks for every read's pieces, one by one.
+        guest, length, host = (runs["guest"].tolist(), runs["length"].tolist(),
+                               runs["host"].tolist())
+        for f, h, rlen, first, nr, comp in zip(
+                reqs["file"].tolist(), reqs["host"].tolist(), reqs["length"].tolist(),
+                reqs["first_run"].tolist(), reqs["nruns"].tolist(),
+                reqs["compressed"].tolist()):
             rs = runs[first:first + nr]
-            if r["compressed"] or rlen <= max_request:
-                yield ReadSpec(f, host, rlen, bool(r["compressed"]), rs)
+            if comp:
+                yield ReadSpec(f, h, rlen, True, rs)
                 continue
-            for pos in range(0, rlen, max_request):
-                yield ReadSpec(f, host + pos, min(max_request, rlen - pos), False, rs)
+            for pos in range(0, max(rlen, 1), max_request):
+                lo, hi = h + pos, h + min(rlen, pos + max_request)
+                pieces = []
+                for k in range(first, first + nr):
+                    a, b = max(host[k], lo), min(host[k] + length[k], hi)
+                    if b > a:
+                        pieces.append((guest[k] + (a - host[k]), b - a, a - lo))
+                yield ReadSpec(f, lo, hi - lo, False, rs, pieces)
 
 
 def spec_pieces(plan: HostOrderPlan, spec: ReadSpec) -> list[tuple[int, int, int]]:
     """Where the bytes of one read belong, without reading: ``(guest, length, at)`` for each
     guest range, ``at`` being its offset in the bytes :func:`read_one` returns for the
     read (decompressed, for a compressed stream)."""
+    if spec.pieces is not None:
+        return spec.pieces
     rs = spec.runs
     if spec.compressed:
         layer = plan.layers[spec.file]
@@ -349,6 +389,18 @@ def read_spec(plan: HostOrderPlan, spec: ReadSpec) -> memoryview:
         return memoryview(layer.inflate(spec.host, spec.length))
     src = layer.data_source if isinstance(layer, Image) else layer.src
     return memoryview(src.read_padded(spec.host, spec.length, field="data cluster"))
+
+
+def read_spec_into(plan: HostOrderPlan, spec: ReadSpec, buf: memoryview) -> None:
+    """:func:`read_spec` of a read that is not compressed, into ``buf`` (its length)."""
+    assert not spec.compressed and len(buf) == spec.length
+    layer = plan.layers[spec.file]
+    src = layer.data_source if isinstance(layer, Image) else layer.src
+    avail = max(0, min(spec.length, src.size - spec.host))
+    if avail:
+        src.readinto_at(spec.host, buf[:avail], field="data cluster")
+    if avail < spec.length:              # past the end of the file: zeros, as read_padded
+        buf[avail:] = bytes(spec.length - avail)
 
 
 def read_one(plan: HostOrderPlan, spec: ReadSpec) -> HostReadItem:

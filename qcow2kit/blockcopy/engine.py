@@ -38,7 +38,7 @@ from typing import Callable
 
 from ..errors import Qcow2Error, ShortReadError
 from .bitmap import CopyBitmap
-from .sparse import DEFAULT_MIN_SPARSE, MAX_MIN_SPARSE, data_runs
+from .sparse import DEFAULT_MIN_SPARSE, MAX_MIN_SPARSE, split_segments
 from .target import CopyTarget
 from .tasks import Range, ReadSource, Task, cut, job_granularity
 
@@ -337,12 +337,14 @@ class CopyJob:
                     retry = cut(self.bitmap, task.read)
                     if retry is None:
                         return
-                    task.ranges = retry.ranges
+                    task.ranges, task.segments = retry.ranges, retry.segments
                     task.cancelled = [e for e in self._edges if task.overlaps(*e)]
                 continue
             with self._cond:
                 res.done += nbytes
-                res.copied += sum(m for a, n in task.ranges for _, m in subtract(a, n, task.cancelled))
+                res.copied += (sum(m for a, n in task.ranges
+                                   for _, m in subtract(a, n, task.cancelled))
+                               if task.cancelled else nbytes)
             self._report()
             return
 
@@ -402,37 +404,30 @@ class CopyJob:
         finally:
             with self._cond:
                 self.result.reads += 1
-        writes: list[tuple[int, memoryview]] = []
-        zeros: list[Range] = []
-        for g, n, at in read.pieces:
-            for a, m in task.ranges:
-                lo, hi = max(a, g), min(a + m, g + n)
-                if lo >= hi:
-                    continue
-                seg = data[at + lo - g:at + hi - g]
-                pos = 0
-                for s, e in data_runs(seg, lo, self.sparse):
-                    if s > pos:
-                        zeros.append((lo + pos, s - pos))
-                    writes.append((lo + s, seg[s:e]))
-                    pos = e
-                if pos < len(seg):
-                    zeros.append((lo + pos, len(seg) - pos))
+        writes, zeros = split_segments(data, task.segments, self.sparse)
         if self.target.zero_initialized:
             zeros = []
         with self._cond:
             cuts = list(task.cancelled)
             task.writing = True
         written = 0
+        target = self.target
         try:
             with self._target_lock:
-                for off, mv in writes:
-                    for a, m in subtract(off, len(mv), cuts):
-                        self.target.write(a, mv[a - off:a - off + m])
-                        written += m
-                for off, m in zeros:
-                    for a, k in subtract(off, m, cuts):
-                        self.target.write_zeroes(a, k)
+                if not cuts:               # the usual case: nothing discarded meanwhile
+                    for off, at, n in writes:
+                        target.write(off, data[at:at + n])
+                        written += n
+                    for off, m in zeros:
+                        target.write_zeroes(off, m)
+                else:
+                    for off, at, n in writes:
+                        for a, m in subtract(off, n, cuts):
+                            target.write(a, data[at + a - off:at + a - off + m])
+                            written += m
+                    for off, m in zeros:
+                        for a, k in subtract(off, m, cuts):
+                            target.write_zeroes(a, k)
         except BaseException as exc:
             if retryable(exc):
                 raise _Failure(exc, "target") from exc

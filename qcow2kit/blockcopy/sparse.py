@@ -25,6 +25,17 @@ def block_size(min_sparse: int) -> int:
     return max(SPARSE_BLOCK, 1 << (min_sparse.bit_length() - 1))
 
 
+def _nonzero_blocks(words: np.ndarray) -> np.ndarray:
+    """Which rows of ``words`` (one block per row) hold a non-zero word.  A block of data
+    seldom starts with a zero word: the first words decide most blocks, and only the
+    others are scanned whole."""
+    nonzero = words[:, 0] != 0
+    if not nonzero.all():
+        rest = np.flatnonzero(~nonzero)
+        nonzero[rest] = words[rest].any(axis=1)
+    return nonzero
+
+
 def data_runs(buf: memoryview, offset: int, min_sparse: int = DEFAULT_MIN_SPARSE
               ) -> list[tuple[int, int]]:
     """``(start, end)`` of the runs of ``buf`` (guest bytes at ``offset``) to write as data."""
@@ -36,8 +47,7 @@ def data_runs(buf: memoryview, offset: int, min_sparse: int = DEFAULT_MIN_SPARSE
     block = block_size(min_sparse)
     if offset % block == 0 and n % block == 0:
         # The common case (whole aligned blocks): test 8 bytes at a time, no byte-wide copy.
-        words = np.frombuffer(buf, dtype=np.uint64).reshape(-1, block // 8)
-        nonzero = words.any(axis=1)
+        nonzero = _nonzero_blocks(np.frombuffer(buf, dtype=np.uint64).reshape(-1, block // 8))
         if nonzero.all():
             return [(0, n)]
         edges = np.arange(0, n + 1, block, dtype=np.int64)
@@ -50,3 +60,49 @@ def data_runs(buf: memoryview, offset: int, min_sparse: int = DEFAULT_MIN_SPARSE
         return []
     starts, ends = true_runs(nonzero)       # in blocks; edges turns them into bytes
     return list(zip(edges[starts].tolist(), edges[ends].tolist()))
+
+
+def split_segments(buf: memoryview, segments: list[tuple[int, int, int]],
+                   min_sparse: int = DEFAULT_MIN_SPARSE
+                   ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+    """:func:`data_runs` of every segment ``(guest, length, at)`` of one read's bytes ``buf``
+    (``buf[at:at+length]`` holds guest bytes at ``guest``): the data to write, as
+    ``(guest, at, length)``, and the ranges that read as zeros, as ``(guest, length)``.
+
+    When every segment is made of whole blocks that are also whole blocks of ``buf`` (a
+    read of whole clusters, the usual case), the blocks of the whole buffer are tested in
+    one numpy call instead of one per segment.
+    """
+    writes: list[tuple[int, int, int]] = []
+    zeros: list[tuple[int, int]] = []
+    if min_sparse == 0:
+        return [(g, at, n) for g, n, at in segments if n], zeros
+    block = block_size(min_sparse)
+    nblocks = len(buf) // block
+    limit = nblocks * block
+    if all(not (g | n | at) % block and at + n <= limit for g, n, at in segments):
+        words = np.frombuffer(buf, dtype=np.uint64, count=limit // 8)
+        nonzero = _nonzero_blocks(words.reshape(nblocks, block // 8))
+        if nonzero.all():
+            return [(g, at, n) for g, n, at in segments if n], zeros
+        for g, n, at in segments:
+            pos = 0
+            starts, ends = true_runs(nonzero[at // block:(at + n) // block])
+            for s, e in zip((starts * block).tolist(), (ends * block).tolist()):
+                if s > pos:
+                    zeros.append((g + pos, s - pos))
+                writes.append((g + s, at + s, e - s))
+                pos = e
+            if pos < n:
+                zeros.append((g + pos, n - pos))
+        return writes, zeros
+    for g, n, at in segments:
+        pos = 0
+        for s, e in data_runs(buf[at:at + n], g, min_sparse):
+            if s > pos:
+                zeros.append((g + pos, s - pos))
+            writes.append((g + s, at + s, e - s))
+            pos = e
+        if pos < n:
+            zeros.append((g + pos, n - pos))
+    return writes, zeros

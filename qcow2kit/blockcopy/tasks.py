@@ -1,9 +1,9 @@
 """What the engine reads, in which order, and the tasks cut from it.
 
-A *read* (:class:`Read`) is one request to the source: one pread in host
-order (a :class:`qcow2kit.hostorder.ReadSpec` of the planner, a compressed
-stream included), or one guest range through the chain in guest order.  It
-knows, before it is issued, which guest ranges its bytes belong to.
+A *read* (:class:`Read`) is one request to the source: one pread (a
+:class:`qcow2kit.hostorder.ReadSpec` of a planner, a compressed stream
+included).  It knows, before it is issued, which guest ranges its bytes
+belong to.
 
 A *task* (:class:`Task`) is a read plus the guest ranges it still has to
 copy: the runs of set bits of the copy bitmap inside the read's ranges,
@@ -11,9 +11,10 @@ cleared when the task is created (:meth:`CopyBitmap.take`), so tasks never
 overlap.  A read whose bits were all cleared (a discard came first) costs
 nothing.
 
-The reads come from the existing planner (:class:`qcow2kit.hostorder.HostOrderPlan`,
-a valid reverse map when there is one) or from the chain's block status in
-guest order; either way no longer than ``max_chunk``.
+The reads come from the host-order planner (:class:`qcow2kit.hostorder.HostOrderPlan`,
+a valid reverse map when there is one) or, in guest order, from the L2 scan
+unsorted (:class:`qcow2kit.hostorder.GuestOrderPlan`); either way no longer
+than ``max_chunk``.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
 
-from ..hostorder import HostOrderPlan, ReadSpec, read_spec, read_specs, spec_pieces
-from ..image import Image, block_status
+from ..hostorder import (GuestOrderPlan, HostOrderPlan, ReadSpec, read_spec, read_spec_into,
+                         read_specs, spec_pieces)
+from ..image import Image
 from ..mapping import DEFAULT_MEMORY, FLAG_DATA, FLAG_ZERO, check_memory, resolved_batches
 from .bitmap import CopyBitmap
 
@@ -62,6 +63,8 @@ class Task:
     #: parts of ``ranges`` discarded since the task was created: never written
     cancelled: list[Range] = field(default_factory=list)
     writing: bool = False
+    #: ``(guest, length, at)`` of each range: its bytes are ``data[at:at+length]`` of the read
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -74,9 +77,13 @@ class Task:
 def cut(bitmap: CopyBitmap, read: Read) -> Task | None:
     """The task of ``read``: the set bits inside its guest ranges, taken (cleared) now."""
     ranges: list[Range] = []
-    for g, n, _ in read.pieces:
-        ranges += bitmap.take(g, n)
-    return Task(read, ranges) if ranges else None
+    segments: list[tuple[int, int, int]] = []
+    take = bitmap.take
+    for g, n, at in read.pieces:
+        for a, m in take(g, n):
+            ranges.append((a, m))
+            segments.append((a, m, at + a - g))
+    return Task(read, ranges, segments=segments) if ranges else None
 
 
 def job_granularity(img: Image, max_chunk: int) -> int:
@@ -169,43 +176,60 @@ class HostOrderReads(ReadSource):
         return out
 
 
-class GuestOrderReads(ReadSource):
-    """Guest order: the chain's data ranges one after another, read through the chain."""
+class GuestOrderReads(HostOrderReads):
+    """Guest order (:class:`qcow2kit.hostorder.GuestOrderPlan`): the chain's data runs in
+    guest sequence, read in parallel as in host order (not through the chain's caches).
+
+    A fragmented image has one host-contiguous pread per cluster or so in guest order;
+    consecutive preads are grouped into one read of at most ``max_chunk`` bytes (its
+    preads issued one after the other by the worker), so tasks stay as large as in host
+    order."""
 
     order = "guest"
 
     def start(self, want_total: bool = True) -> int:
         self.started = True
-        self._lock = threading.Lock()
+        self.plan = GuestOrderPlan(self.img, memory=self.memory, max_request=self.max_chunk)
         self.total = self.data_bytes()     # validates every table on the way
+        self._specs = read_specs(self.plan)
         return self.total
 
     def __iter__(self) -> Iterator[Read]:
-        img, chunk = self.img, self.max_chunk
-        # One walk of the chain (block_status streams it window by window).
-        for st in block_status(img, 0, img.size):
-            if not st.data:
+        group: list[ReadSpec] = []
+        size = 0
+        for spec in self._specs:
+            if group and (spec.compressed or size + spec.length > self.max_chunk):
+                yield self._group(group)
+                group, size = [], 0
+            if spec.compressed:
+                yield self._read(spec)
                 continue
-            pos, end = st.guest, st.guest + st.length
-            while pos < end:
-                n = min(chunk - pos % chunk, end - pos)
-                yield self._read(pos, n)
-                pos += n
+            group.append(spec)
+            size += spec.length
+        if group:
+            yield self._group(group)
 
-    def _read(self, pos: int, n: int) -> Read:
-        return Read([(pos, n, 0)], n, functools.partial(self._fetch, pos, n),
-                    functools.partial(self._split, pos, n))
+    def _group(self, specs: list[ReadSpec]) -> Read:
+        if len(specs) == 1:
+            return self._read(specs[0])
+        pieces: list[tuple[int, int, int]] = []
+        at = 0
+        for spec in specs:
+            pieces += [(g, n, at + a) for g, n, a in spec_pieces(self.plan, spec)]
+            at += spec.length
+        return Read(pieces, at, functools.partial(self._fetch_group, specs, at),
+                    functools.partial(self._split_group, specs))
 
-    def _fetch(self, offset: int, length: int) -> memoryview:
-        buf = bytearray(length)
-        # Through the chain's L2 caches, which are not made for threads: one read at a time
-        # (the writes still run in parallel).
-        with self._lock:
-            self.img.readinto(offset, buf)
-        return memoryview(buf)
+    def _fetch_group(self, specs: list[ReadSpec], total: int) -> memoryview:
+        mv = memoryview(bytearray(total))
+        at = 0
+        for spec in specs:
+            read_spec_into(self.plan, spec, mv[at:at + spec.length])
+            at += spec.length
+        return mv
 
-    def _split(self, pos: int, n: int, size: int) -> list[Read]:
-        return [self._read(p, min(size, pos + n - p)) for p in range(pos, pos + n, size)]
+    def _split_group(self, specs: list[ReadSpec], size: int) -> list[Read]:
+        return [read for spec in specs for read in self._split(spec, size)]
 
 
 def read_source(img: Image, order: str = "host", **kw: int) -> ReadSource:
