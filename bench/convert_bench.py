@@ -470,7 +470,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                 L.append(f"| {t} | {'equal' if vv['compare']['equal'] else vv['compare']['text']}"
                          f" | {c.get('exit')} | {c.get('leaks', '-')} / "
                          f"{c.get('corruptions', '-')} | "
-                         f"{cq.fmt(c.get('fragmented_pct'), '.2f', '%')} | "
+                         f"{cq.fmt(c.get('fragmented_pct'), '.2f', '%')} "
+                         f"({c.get('fragmented_clusters', '-')} of "
+                         f"{c.get('allocated_clusters', '-')} clusters) | "
                          f"{cq.fmt(sz.get('apparent', 0) / MiB, '.1f', ' MiB')} "
                          f"({cq.fmt(sz.get('disk', 0) / MiB, '.1f', ' MiB')}) |")
     if "threads" in res:
