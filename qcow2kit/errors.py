@@ -98,6 +98,10 @@ class SnapshotNotFoundError(Qcow2Error, LookupError):
     """No internal snapshot matches the id and/or name asked for (also a :class:`LookupError`)."""
 
 
+class BitmapNotFoundError(Qcow2Error, LookupError):
+    """No persistent bitmap of that name (also a :class:`LookupError`)."""
+
+
 class BackingChainError(Qcow2Error):
     """A backing file cannot be opened, the chain loops or is too deep."""
 

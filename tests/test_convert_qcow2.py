@@ -1,6 +1,7 @@
 """``convert -O qcow2`` (and ``-n`` for raw) on the block-copy engine, against qemu-img.
 
-Every factory image converted to qcow2 (plain, compressed, version 2, with -B) must
+Every factory image converted to qcow2 (plain, compressed, version 2, with -B, into an
+empty image with -n) must
 ``qemu-img compare`` equal to its source, pass ``qemu-img check`` without leaks, and,
 uncompressed, be unfragmented; its allocation (qemu-img map: data/zero/depth) must be
 qemu-img convert's own.  The command's errors are qemu-img's, a failed run leaves no
@@ -63,6 +64,7 @@ VARIANTS = {
     "plain": ([], False),
     "compressed": ([], True),
     "v2": (["-o", "compat=0.10"], False),
+    "existing": (["-n"], False),       # into an empty image qemu-img create made
 }
 
 
@@ -71,15 +73,19 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_factory_image_to_qcow2(factory_images, tmp_path, variant):
     opts, compress = VARIANTS[variant]
-    options = [opts[1]] if opts else []
+    existing = opts == ["-n"]
+    options = [opts[1]] if opts and not existing else []
     failures = {}
     for i, (name, case) in enumerate(sorted(factory_images.items())):
         if case.encrypted:
             continue
         ours, ref = tmp_path / f"{name}.qcow2", tmp_path / f"{name}.ref.qcow2"
         with Image.open(case.path) as img:
+            if existing:
+                for p in (ours, ref):
+                    run([QEMU_IMG, "create", "-q", "-f", "qcow2", p, str(img.size)])
             res = convert_to_qcow2(img, ours, options=options, compress=compress,
-                                   workers=1 + i % 8)
+                                   workers=1 + i % 8, existing=existing)
         run([QEMU_IMG, "convert", "-O", "qcow2", *opts, *(["-c"] if compress else []),
              case.path, ref], cwd=case.path.parent)
         rc, chk = _check(ours)
@@ -91,7 +97,7 @@ def test_every_factory_image_to_qcow2(factory_images, tmp_path, variant):
             failures[name] = ("check", rc, chk)
         elif not compress and chk.get("fragmented-clusters", 0):
             failures[name] = ("fragmented", chk)
-        elif variant == "plain" and _alloc(ours) != _alloc(ref):
+        elif variant in ("plain", "existing") and _alloc(ours) != _alloc(ref):
             failures[name] = ("allocation", _alloc(ours), _alloc(ref))
         if name not in failures:
             ours.unlink()

@@ -1,10 +1,15 @@
-"""The persistent bitmap directory (QEMU's bitmap_list_load, block/qcow2-bitmap.c)."""
+"""The persistent bitmap directory (QEMU's bitmap_list_load, block/qcow2-bitmap.c) and the
+dirty ranges of a bitmap (its bitmap table and data clusters)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import spec
+from ..boolruns import true_runs
 from ..errors import CorruptImageError
 from ..layout import bitmaps as B
 from ..layout import offset_of
@@ -79,3 +84,76 @@ def read_bitmaps(src: ByteSource, hdr: Header) -> list[Bitmap]:
                           entry_offset=base + pos))
         pos = end
     return out
+
+
+def table_size(bm: Bitmap, virtual_size: int, cluster_size: int) -> int:
+    """How many entries a bitmap table of ``bm`` has for an image of ``virtual_size`` (each
+    entry: one cluster of bits, one bit per ``granularity`` bytes)."""
+    granules = -(-virtual_size // bm.granularity)
+    return -(-granules // (cluster_size * 8))
+
+
+def dirty_runs(src: ByteSource, bm: Bitmap, virtual_size: int, cluster_size: int,
+               file_size: int, *, batch: int = 64) -> Iterator[tuple[int, int]]:
+    """The dirty ranges of ``bm`` as ``(guest offset, length)``, in order and merged, read
+    one bitmap cluster at a time (at most ``batch`` table entries decoded at once).
+
+    The table is checked as QEMU's bitmap loader checks it: its size must match the image,
+    every entry must be a cluster-aligned offset inside the file with no reserved bit set,
+    or 0 / 1 (all zeros, all ones).
+    """
+    want = table_size(bm, virtual_size, cluster_size)
+    table_off = bm.bitmap_table_offset
+    if bm.bitmap_table_size != want:
+        raise CorruptImageError(f"bitmap {bm.name!r}: table of {bm.bitmap_table_size} entries, "
+                                f"the image needs {want}", field="bitmap_table_size",
+                                offset=bm.entry_offset)
+    if table_off % cluster_size:
+        raise CorruptImageError(f"bitmap {bm.name!r}: table offset {table_off:#x} is not "
+                                f"cluster aligned", field="bitmap_table_offset",
+                                offset=bm.entry_offset)
+    bits_per_entry = cluster_size * 8
+    gran = bm.granularity
+    cur_a = cur_e = -1
+    for first in range(0, want, batch):
+        n = min(batch, want - first)
+        raw = src.read_at(table_off + 8 * first, 8 * n, field="bitmap table")
+        entries = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        for k, entry in enumerate(entries.tolist()):
+            i = first + k
+            at = table_off + 8 * i
+            off = entry & spec.BME_TABLE_ENTRY_OFFSET_MASK
+            if entry & ~(spec.BME_TABLE_ENTRY_OFFSET_MASK | spec.BME_TABLE_ENTRY_FLAG_ALL_ONES):
+                raise CorruptImageError(f"bitmap {bm.name!r}: table entry {i} has reserved bits "
+                                        f"set ({entry:#x})", field="bitmap table entry",
+                                        offset=at)
+            if off and entry & spec.BME_TABLE_ENTRY_FLAG_ALL_ONES:
+                raise CorruptImageError(f"bitmap {bm.name!r}: table entry {i} has both an "
+                                        f"offset and the all-ones flag", field="bitmap table "
+                                        "entry", offset=at)
+            if off % cluster_size or off + cluster_size > max(file_size, cluster_size) and off:
+                raise CorruptImageError(f"bitmap {bm.name!r}: table entry {i} points at "
+                                        f"{off:#x}, misaligned or past the end of the file",
+                                        field="bitmap table entry", offset=at)
+            base = i * bits_per_entry * gran
+            span = min(bits_per_entry * gran, virtual_size - base)
+            if off == 0:
+                if not entry & spec.BME_TABLE_ENTRY_FLAG_ALL_ONES:
+                    continue
+                runs: list[tuple[int, int]] = [(base, base + span)]
+            else:
+                data = np.frombuffer(src.read_at(off, cluster_size, field="bitmap data"),
+                                     dtype=np.uint8)
+                bits = np.unpackbits(data, bitorder="little")[:-(-span // gran)].astype(bool)
+                starts, ends = true_runs(bits)
+                runs = [(base + s * gran, min(base + e * gran, virtual_size))
+                        for s, e in zip(starts.tolist(), ends.tolist())]
+            for a, e in runs:
+                if a == cur_e:
+                    cur_e = e
+                    continue
+                if cur_e > cur_a >= 0:
+                    yield cur_a, cur_e - cur_a
+                cur_a, cur_e = a, e
+    if cur_e > cur_a >= 0:
+        yield cur_a, cur_e - cur_a

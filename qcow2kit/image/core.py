@@ -24,12 +24,12 @@ import numpy as np
 
 from .. import spec
 from .. import tables as T
-from ..errors import UnsupportedFeatureError, located
+from ..errors import BitmapNotFoundError, UnsupportedFeatureError, located
 from ..layout import header as H
 from ..locks import ReadLocks, Role
 from ..source import ByteSource, SourceKind, closed_error, open_source
 from . import compressed
-from .bitmaps import Bitmap, read_bitmaps
+from .bitmaps import Bitmap, dirty_runs, read_bitmaps
 from .chain import RawImage, open_backing, open_data_file, read_backing
 from .header import read_header
 from .l2 import DEFAULT_L2_CACHE_BYTES, L2Reader, Segment, Table
@@ -288,6 +288,20 @@ class Image:
         self._check_open()
         with located(self.filename):
             return read_bitmaps(self.src, self.header)
+
+    def bitmap(self, name: str) -> Bitmap:
+        """The persistent bitmap ``name`` (:class:`BitmapNotFoundError` when there is none)."""
+        for bm in self.bitmaps:
+            if bm.name == name:
+                return bm
+        raise BitmapNotFoundError(f"Dirty bitmap '{name}' not found", path=self.filename)
+
+    def dirty_ranges(self, name: str) -> Iterator[tuple[int, int]]:
+        """The dirty ranges of persistent bitmap ``name`` as ``(guest offset, length)``, in
+        order and merged (what QEMU exports for it), read one bitmap cluster at a time."""
+        bm = self.bitmap(name)
+        with located(self.filename):
+            yield from dirty_runs(self.src, bm, self.size, self.cluster_size, self.src.size)
 
     def refcount_blocks(self, end_cluster: int | None = None
                         ) -> Iterator[tuple[int, bytes, int]]:
