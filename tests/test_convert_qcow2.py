@@ -448,3 +448,21 @@ def test_existing_qcow2_target_with_data_is_refused_untouched(tmp_path):
     assert r.returncode == theirs.returncode == 1
     assert r.stderr.split(": ", 1)[1] == theirs.stderr.split(": ", 1)[1]
     assert small.read_bytes() == before
+
+
+def test_existing_raw_target_where_a_read_covers_a_cluster_in_part(tmp_path):
+    """A data cluster holds 4 KiB and a file hole: the planner reads the 4 KiB and leaves the
+    rest (zeros) unread; with -n the rest must still be zeroed in DST."""
+    src = _write_image(tmp_path, "src.qcow2", "4M", "write -P 1 0 64k", "write -P 9 2M 4k",
+                       "write -P 3 3M 64k")
+    host = next(e["offset"] for e in qemu_img_map(src) if e["start"] == 2 * MiB)
+    run(["fallocate", "-p", "-o", str(host + 4096), "-l", str(60 * KiB), src])
+    # the premise: qemu-img map splits that cluster at the hole
+    assert any(e["start"] == 2 * MiB and e["length"] == 4096 for e in qemu_img_map(src))
+    garbage = b"\xee" * (4 * MiB)
+    ours, ref = tmp_path / "ours.raw", tmp_path / "ref.raw"
+    ours.write_bytes(garbage)
+    ref.write_bytes(garbage)
+    assert cli_process("convert", "-n", str(src), str(ours)).returncode == 0
+    run([QEMU_IMG, "convert", "-n", src, ref])
+    assert same_file(ours, ref)

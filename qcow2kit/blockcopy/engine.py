@@ -40,7 +40,7 @@ from ..errors import Qcow2Error, ShortReadError
 from .bitmap import CopyBitmap
 from .sparse import DEFAULT_MIN_SPARSE, MAX_MIN_SPARSE, split_segments
 from .target import CopyTarget
-from .tasks import Range, ReadSource, Task, cut, job_granularity
+from .tasks import Range, ReadSource, Task, cut, job_granularity, uncovered
 
 DEFAULT_WORKERS = 8
 MAX_WORKERS = 64
@@ -174,7 +174,10 @@ class CopyJob:
         self._cond = threading.Condition()
         self._progress_lock = threading.Lock()
         self._live: dict[int, Task] = {}
-        self._edges: list[Range] = []      # discarded parts of clusters (their bits stay set)
+        self._edges: list[Range] = []      # discarded ranges: no later task writes there
+        # job clusters a read covered in part (a file hole, the end of the file): the bytes
+        # taken so far (tasks.cut); the rest is zeros, written at the end
+        self._partial: dict[int, list[Range]] = {}
         self._inflight = 0
         self._pending = 0
         self._stop = False
@@ -198,9 +201,9 @@ class CopyJob:
         with self._cond:
             if inner_b > inner_a:
                 self.bitmap.clear(inner_a, inner_b - inner_a)
-            for a, b in ((offset, min(inner_a, end)), (max(inner_b, inner_a, offset), end)):
-                if b > a:
-                    self._edges.append((a, b - a))   # partial clusters: no later task writes it
+            # no later task writes there: partial clusters keep their bits, and a cluster a
+            # read covers in part may still be taken piece by piece (tasks.cut)
+            self._edges.append((offset, end - offset))
             for t in self._live.values():
                 if t.overlaps(offset, end - offset):
                     t.cancelled.append((offset, end - offset))
@@ -241,7 +244,7 @@ class CopyJob:
                         self._cond.wait()
                     if self._stop:
                         break
-                    task = cut(self.bitmap, read)
+                    task = cut(self.bitmap, read, self._partial)
                     if task is None:
                         continue
                     self._register(task)
@@ -268,10 +271,18 @@ class CopyJob:
         self._live[id(task)] = task
 
     def _zero_the_rest(self) -> None:
-        """What the source reads as zeros without a read: write it unless the target has it."""
+        """What the source reads as zeros without a read: write it unless the target has it.
+        That is what is still marked in the bitmap, and the bytes of partly read clusters
+        that no read covered (holes, the end of a file)."""
         allocate = self.min_sparse == 0
         if self.target.zero_initialized and not allocate:
             return
+        with self._cond:
+            gaps = uncovered(self._partial, self.bitmap.granularity, self.size)
+            gaps = [r for a, n in gaps for r in subtract(a, n, self._edges)]
+        for a, n in gaps:
+            with self._target_lock:
+                self.target.write_zeroes(a, n, allocate=allocate)
         while True:
             with self._cond:
                 runs = self.bitmap.take(0, self.size) if self.size else []
@@ -334,7 +345,7 @@ class CopyJob:
                 with self._cond:
                     if self._stop:
                         return
-                    retry = cut(self.bitmap, task.read)
+                    retry = cut(self.bitmap, task.read, self._partial)
                     if retry is None:
                         return
                     task.ranges, task.segments = retry.ranges, retry.segments
@@ -360,7 +371,7 @@ class CopyJob:
             with self._cond:
                 if self._stop:
                     return
-                sub = cut(self.bitmap, read)
+                sub = cut(self.bitmap, read, self._partial)
                 if sub is None:
                     continue
                 sub.attempt = self.retries       # no retries left: one attempt each

@@ -74,16 +74,52 @@ class Task:
         return any(a < offset + length and offset < a + n for a, n in self.ranges)
 
 
-def cut(bitmap: CopyBitmap, read: Read) -> Task | None:
-    """The task of ``read``: the set bits inside its guest ranges, taken (cleared) now."""
+def cut(bitmap: CopyBitmap, read: Read,
+        partial: dict[int, list[Range]] | None = None) -> Task | None:
+    """The task of ``read``: the set bits inside its guest ranges, taken (cleared) now.
+
+    A read may cover a job cluster only in part: where a file hole or the end of
+    the file cuts a cluster, the planner reads the data and leaves the rest (which
+    reads as zeros).  Taking such a cluster clears its bit, so ``partial`` (the
+    job's, when given) records which of its bytes were taken; a later piece of the
+    same cluster (another read's) still takes its own bytes, and what no piece
+    covered is zeros, which the job writes at its end (:func:`uncovered`).
+    """
     ranges: list[Range] = []
     segments: list[tuple[int, int, int]] = []
     take = bitmap.take
+    gran = bitmap.granularity
     for g, n, at in read.pieces:
-        for a, m in take(g, n):
+        got = take(g, n)
+        if partial is not None and n and (g % gran or (g + n) % gran and g + n < bitmap.size):
+            for e in {g // gran, (g + n - 1) // gran}:
+                lo, hi = max(g, e * gran), min(g + n, (e + 1) * gran)
+                if lo == e * gran and hi == min((e + 1) * gran, bitmap.size):
+                    continue                  # this piece covers the whole cluster
+                if any(a <= lo and hi <= a + m for a, m in got):
+                    partial.setdefault(e, []).append((lo, hi - lo))
+                elif e in partial and not any(a < hi and lo < a + m for a, m in partial[e]):
+                    partial[e].append((lo, hi - lo))     # taken before by another piece
+                    got.append((lo, hi - lo))
+        for a, m in got:
             ranges.append((a, m))
             segments.append((a, m, at + a - g))
     return Task(read, ranges, segments=segments) if ranges else None
+
+
+def uncovered(partial: dict[int, list[Range]], gran: int, size: int) -> list[Range]:
+    """The bytes of the partly taken job clusters that no piece covered (they read as
+    zeros), as ranges."""
+    out: list[Range] = []
+    for e in sorted(partial):
+        pos, end = e * gran, min((e + 1) * gran, size)
+        for a, m in sorted(partial[e]):
+            if a > pos:
+                out.append((pos, a - pos))
+            pos = max(pos, a + m)
+        if end > pos:
+            out.append((pos, end - pos))
+    return out
 
 
 def job_granularity(img: Image, max_chunk: int) -> int:
