@@ -11,9 +11,10 @@ host order by default: a block is hashed as soon as all of its bytes have been
 read (or are known to be zeros, without a read), whatever order its pieces
 came in, and the digests are combined in guest order at the end.  A fragmented
 image would need every block in memory at once before any is complete, so the
-guest disk is taken in windows of ``window`` bytes: each window's data is read
-in host order and its blocks hashed, one window after the other, which bounds
-the memory to about a window (plus the engine's reads in flight).
+guest disk is taken in windows of ``window`` bytes: each window's data (only
+its own: the host-order plan is made for its guest range) is read in host order
+and its blocks hashed, one window after the other, which bounds the memory to
+about a window (plus the engine's reads in flight).
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def checksum(img: Image, *, block_size: int = BLOCK_SIZE, order: str = "host",
         first = w // block_size
         count = -(-(w_end - w) // block_size)
         target = _HashTarget(size, block_size, first, count, zero)
-        source = read_source(img, order, memory=memory)
+        # only this window's data is planned and read
+        source = read_source(img, order, memory=memory, start=w, length=w_end - w)
         job = CopyJob(source, target, workers=workers)
         if w:
             job.bitmap.clear(0, w)

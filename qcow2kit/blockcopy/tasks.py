@@ -144,13 +144,17 @@ class ReadSource:
     order: str
 
     def __init__(self, img: Image, *, memory: int = DEFAULT_MEMORY,
-                 max_chunk: int = DEFAULT_CHUNK) -> None:
+                 max_chunk: int = DEFAULT_CHUNK, start: int = 0,
+                 length: int | None = None) -> None:
         check_memory(memory)
         if max_chunk < 4096 or max_chunk & (max_chunk - 1):
             raise ValueError(f"max_chunk must be a power of two of at least 4096, not {max_chunk}")
         self.img = img
         self.memory = memory
         self.max_chunk = max_chunk
+        #: the guest range whose data is read (the whole image by default)
+        self.range_start = start
+        self.range_length = length
         self.total = 0
         self.started = False
 
@@ -178,7 +182,8 @@ class HostOrderReads(ReadSource):
 
     def start(self, want_total: bool = True) -> int:
         self.started = True
-        self.plan = HostOrderPlan(self.img, memory=self.memory, max_request=self.max_chunk)
+        self.plan = HostOrderPlan(self.img, self.range_start, self.range_length,
+                                  memory=self.memory, max_request=self.max_chunk)
         specs = read_specs(self.plan)
         # The first read of a merged plan comes only after every L2 table of the
         # chain has been read and validated: a corrupt table stops us here.
@@ -225,7 +230,8 @@ class GuestOrderReads(HostOrderReads):
 
     def start(self, want_total: bool = True) -> int:
         self.started = True
-        self.plan = GuestOrderPlan(self.img, memory=self.memory, max_request=self.max_chunk)
+        self.plan = GuestOrderPlan(self.img, self.range_start, self.range_length,
+                                   memory=self.memory, max_request=self.max_chunk)
         self.total = self.data_bytes()     # validates every table on the way
         self._specs = read_specs(self.plan)
         return self.total
@@ -268,10 +274,13 @@ class GuestOrderReads(HostOrderReads):
         return [read for spec in specs for read in self._split(spec, size)]
 
 
-def read_source(img: Image, order: str = "host", **kw: int) -> ReadSource:
-    """The reads of ``img`` in ``order`` ("host" or "guest")."""
-    if order == "host":
-        return HostOrderReads(img, **kw)
-    if order == "guest":
-        return GuestOrderReads(img, **kw)
+def read_source(img: Image, order: str = "host", *, memory: int = DEFAULT_MEMORY,
+                max_chunk: int = DEFAULT_CHUNK, start: int = 0,
+                length: int | None = None) -> ReadSource:
+    """The reads of ``img`` in ``order`` ("host" or "guest"); ``start``/``length`` restrict
+    them to a guest range."""
+    classes: dict[str, type[ReadSource]] = {"host": HostOrderReads, "guest": GuestOrderReads}
+    if order in classes:
+        return classes[order](img, memory=memory, max_chunk=max_chunk, start=start,
+                              length=length)
     raise ValueError(f"order must be 'host' or 'guest', not {order!r}")
