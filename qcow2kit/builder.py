@@ -397,27 +397,24 @@ class ImageBuilder:
         """For each cluster ``[guest_offset, guest_offset+length)`` touches: was it filled?"""
         cs = self.cluster_size
         first, last = guest_offset // cs, -(-(guest_offset + length) // cs)
-        out = np.zeros(last - first, dtype=bool)
         with self._lock:
-            g = first
-            while g < last:
-                l1, i = g >> self.l2_bits, g & (self.l2_size - 1)
-                m = min(last - g, self.l2_size - i)
-                filled = self._filled.get(l1)
-                if filled is not None:
-                    out[g - first:g - first + m] = filled[i:i + m]
-                g += m
-        return out
+            return self._per_cluster(self._filled, first, last, bool)
 
     def _reserved_entries(self, first: int, last: int) -> np.ndarray:
-        out = np.zeros(last - first, dtype=np.uint64)
+        return self._per_cluster(self._resv, first, last, np.uint64)
+
+    def _per_cluster(self, tables: dict[int, np.ndarray], first: int, last: int,
+                     dtype: Any) -> np.ndarray:
+        """Guest clusters ``[first, last)`` gathered from per-L2-table arrays (zero where a
+        table has none)."""
+        out = np.zeros(last - first, dtype=dtype)
         g = first
         while g < last:
             l1, i = g >> self.l2_bits, g & (self.l2_size - 1)
             m = min(last - g, self.l2_size - i)
-            resv = self._resv.get(l1)
-            if resv is not None:
-                out[g - first:g - first + m] = resv[i:i + m]
+            t = tables.get(l1)
+            if t is not None:
+                out[g - first:g - first + m] = t[i:i + m]
             g += m
         return out
 

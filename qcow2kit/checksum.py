@@ -20,12 +20,10 @@ about a window (plus the engine's reads in flight).
 from __future__ import annotations
 
 import hashlib
-import threading
 from typing import Callable
 
-import numpy as np
-
 from .blockcopy import DEFAULT_WORKERS, CopyJob, CopyTarget, read_source
+from .blockcopy.gather import Gather
 from .errors import CopyIncompleteError
 from .image import Image
 from .mapping import DEFAULT_MEMORY
@@ -35,7 +33,6 @@ BLOCK_SIZE = 4 << 20
 ALGORITHM = "blake2b"
 DIGEST_SIZE = 32
 DEFAULT_WINDOW = 256 << 20
-_SECTOR = 512
 
 
 def _digest(data: bytes | bytearray | memoryview) -> bytes:
@@ -56,49 +53,23 @@ class _HashTarget(CopyTarget):
         self.first = first
         self.digests: list[bytes | None] = [None] * count
         self._zero = zero_digest
-        self._lock = threading.Lock()
-        self._partial: dict[int, tuple[bytearray, np.ndarray]] = {}
-
-    def _blen(self, b: int) -> int:
-        return min(self.block_size, self.size - b * self.block_size)
+        self._gather = Gather(block_size, size)
 
     def write(self, offset: int, data: memoryview) -> None:
-        self._account(offset, len(data), data)
+        self._hash(self._gather.add(offset, len(data), data))
 
     def write_zeroes(self, offset: int, length: int, *, allocate: bool = False) -> None:
-        self._account(offset, length, None)
+        self._hash(self._gather.add(offset, length, None))
 
-    def _account(self, offset: int, length: int, data: memoryview | None) -> None:
+    def _hash(self, done: list[tuple[int, bytearray | None]]) -> None:
         bs = self.block_size
-        end = min(offset + length, self.size)
-        done: list[tuple[int, bytearray]] = []
-        pos = offset
-        with self._lock:
-            while pos < end:
-                b = pos // bs
-                lo, hi = pos - b * bs, min(end, (b + 1) * bs) - b * bs
-                blen = self._blen(b)
-                k = b - self.first
-                entry = self._partial.get(b)
-                if entry is None and data is None and lo == 0 and hi == blen:
-                    self.digests[k] = self._zero if blen == bs else _digest(bytes(blen))
-                    pos = b * bs + hi
-                    continue
-                if entry is None:
-                    entry = self._partial[b] = (bytearray(blen),
-                                                np.zeros(-(-blen // _SECTOR), dtype=bool))
-                buf, known = entry
-                if data is not None:
-                    buf[lo:hi] = data[pos - offset:pos - offset + hi - lo]
-                known[lo // _SECTOR:-(-hi // _SECTOR)] = True
-                if known.all():
-                    del self._partial[b]
-                    done.append((b, buf))
-                pos = b * bs + hi
-        for b, buf in done:            # hashed outside the lock (hashlib releases the GIL)
-            d = _digest(buf)
-            with self._lock:
-                self.digests[b - self.first] = d
+        for b, buf in done:       # hashlib releases the GIL: workers hash in parallel
+            if buf is None:
+                blen = min(bs, self.size - b * bs)
+                d = self._zero if blen == bs else _digest(bytes(blen))
+            else:
+                d = _digest(buf)
+            self.digests[b - self.first] = d
 
 
 def checksum(img: Image, *, block_size: int = BLOCK_SIZE, order: str = "host",

@@ -30,6 +30,7 @@ from .blockcopy import (DEFAULT_CHUNK, DEFAULT_MAX_INFLIGHT, DEFAULT_MIN_SPARSE,
                         CopyJob, CopyResult, RawFileTarget, read_source)
 from .blockcopy.engine import DEFAULT_BACKOFF, DEFAULT_RETRIES
 from .blockcopy.qcow2target import Qcow2Target, reserve_data
+from .boolruns import merge_spans
 from .builder import ImageBuilder
 from .createopts import backing_virtual_size, full_backing_name
 from .errors import CopyIncompleteError, TargetError
@@ -221,7 +222,10 @@ def convert_to_qcow2(img: Image, dst: str | os.PathLike[str], *,
 
 def _data_ranges(img: Image, memory: int) -> Iterator[tuple[int, int]]:
     """The guest ranges that hold data through the chain, adjacent ones merged."""
-    cur_a = cur_e = -1
+    return merge_spans(_data_spans(img, memory))
+
+
+def _data_spans(img: Image, memory: int) -> Iterator[tuple[int, int]]:
     for runs in resolved_batches(img, memory=memory):
         f = runs["flags"]
         data = runs[((f & np.uint8(FLAG_DATA)) != 0) & ((f & np.uint8(FLAG_ZERO)) == 0)]
@@ -229,18 +233,11 @@ def _data_ranges(img: Image, memory: int) -> Iterator[tuple[int, int]]:
             continue
         starts = data["start"].astype(np.int64)
         ends = starts + data["length"].astype(np.int64)
+        # runs that touch merged here, in numpy: one span per gap, not one per cluster
         brk = np.flatnonzero(starts[1:] != ends[:-1]) + 1
-        for i, j in zip(np.concatenate(([0], brk)).tolist(),
-                        np.concatenate((brk, [len(starts)])).tolist()):
-            a, e = int(starts[i]), int(ends[j - 1])
-            if a == cur_e:
-                cur_e = e
-                continue
-            if cur_e > cur_a >= 0:
-                yield cur_a, cur_e - cur_a
-            cur_a, cur_e = a, e
-    if cur_e > cur_a >= 0:
-        yield cur_a, cur_e - cur_a
+        first = np.concatenate(([0], brk))
+        last = np.concatenate((brk, [len(starts)])) - 1
+        yield from zip(starts[first].tolist(), ends[last].tolist())
 
 
 def _own_ranges(img: Image, unit: int, backing_size: int, memory: int
@@ -249,24 +246,21 @@ def _own_ranges(img: Image, unit: int, backing_size: int, memory: int
     the ranges the source's top image decides (data or zeros; everything when it has no
     backing file), except zeros beyond the end of the new backing file (it reads zeros
     there already).  Merged and in guest order."""
-    cur_a = cur_e = -1
+    return merge_spans(_own_spans(img, unit, backing_size, memory))
+
+
+def _own_spans(img: Image, unit: int, backing_size: int, memory: int
+               ) -> Iterator[tuple[int, int]]:
+    alone = len(img.chain()) == 1
     for runs in resolved_batches(img, memory=memory):
         f = runs["flags"]
         data = ((f & np.uint8(FLAG_DATA)) != 0) & ((f & np.uint8(FLAG_ZERO)) == 0)
-        own = (runs["depth"] == 0) | (len(img.chain()) == 1)
+        own = (runs["depth"] == 0) | alone
         starts = runs["start"].astype(np.int64)
         ends = starts + runs["length"].astype(np.int64)
         own &= data | (starts < backing_size)
         for a, e in zip(starts[own].tolist(), ends[own].tolist()):
-            a, e = a // unit * unit, min(-(-e // unit) * unit, img.size)
-            if a <= cur_e:
-                cur_e = max(cur_e, e)
-                continue
-            if cur_e > cur_a >= 0:
-                yield cur_a, cur_e - cur_a
-            cur_a, cur_e = a, e
-    if cur_e > cur_a >= 0:
-        yield cur_a, cur_e - cur_a
+            yield a // unit * unit, min(-(-e // unit) * unit, img.size)
 
 
 def _intersect(runs: Iterator[tuple[int, int]], keep: list[tuple[int, int]]

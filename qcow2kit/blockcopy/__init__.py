@@ -5,6 +5,7 @@
 ``sparse``  which parts of a buffer are data and which zeros (``-S``)
 ``target``  the target interface, and the raw file target
 ``qcow2target``  a new qcow2 image as target (the image builder), reserved in guest order
+``gather``  whole units (clusters, hash blocks) assembled from pieces in any order
 ``engine``  the job: workers, in-flight bound, retry with backoff, discard, progress, rate limit
 
 Usage::

@@ -35,6 +35,7 @@ import numpy as np
 from ..boolruns import true_runs
 from ..builder import ImageBuilder, compress_cluster
 from ..errors import Qcow2Error
+from .gather import Gather
 from .target import CopyTarget
 
 _SECTOR = 512
@@ -66,8 +67,8 @@ class Qcow2Target(CopyTarget):
         # clusters partly filled -> which sectors were (the rest is written as zeros at the
         # end, so no cluster is left with a hole, as in qemu-img's output)
         self._part: dict[int, np.ndarray] = {}
-        # compress: clusters partly known -> (content, which sectors are known)
-        self._gather: dict[int, tuple[bytearray, np.ndarray]] = {}
+        # compress: clusters gathered until all of each is known
+        self._gather = Gather(self.cs, self.size)
         self._emitted: set[int] = set()
         # backing: clusters that read as zeros unless data fills them (settled at the end),
         # in chunks of _ZCHUNK clusters
@@ -127,8 +128,7 @@ class Qcow2Target(CopyTarget):
         """Complete the image: what is still gathered, then reserved clusters never filled
         given up, then (``zeros``) zero clusters where the source reads zeros, then the
         builder's finish."""
-        for c in sorted(self._gather):
-            buf, _ = self._gather.pop(c)
+        for c, buf in self._gather.rest():
             self._emit(c, buf)
         for c in sorted(self._part):
             known = self._part.pop(c)
@@ -208,35 +208,9 @@ class Qcow2Target(CopyTarget):
     def _gathered(self, offset: int, data: memoryview | None, length: int = 0) -> None:
         """Account ``data`` (or ``length`` bytes of zeros) to the clusters it falls in;
         compress and queue every cluster that is complete."""
-        cs = self.cs
-        n = len(data) if data is not None else length
-        end = min(offset + n, self.size)
-        done: list[tuple[int, bytearray | None]] = []
+        done = self._gather.add(offset, len(data) if data is not None else length, data)
         with self._lock:
-            pos = offset
-            while pos < end:
-                c = pos // cs
-                hi = min((c + 1) * cs, end)
-                clen = min(cs, self.size - c * cs)
-                entry = self._gather.get(c)
-                if entry is None and data is None and pos == c * cs and hi - pos == clen:
-                    done.append((c, None))   # a whole cluster of zeros: nothing to store
-                    pos = hi
-                    continue
-                if entry is None:
-                    entry = self._gather[c] = (bytearray(cs),
-                                               np.zeros(-(-clen // _SECTOR), dtype=bool))
-                buf, known = entry
-                if data is not None:
-                    buf[pos - c * cs:hi - c * cs] = data[pos - offset:hi - offset]
-                else:
-                    buf[pos - c * cs:hi - c * cs] = bytes(hi - pos)
-                known[(pos - c * cs) // _SECTOR:-(-(hi - c * cs) // _SECTOR)] = True
-                if known.all():
-                    del self._gather[c]
-                    self._emitted.add(c)
-                    done.append((c, buf))
-                pos = hi
+            self._emitted.update(c for c, buf in done if buf is not None)
         for c, complete in done:
             self._emit(c, complete)
 
@@ -245,6 +219,8 @@ class Qcow2Target(CopyTarget):
             if self.zeros != "none":
                 self._note_zeros(c * self.cs, self.cs)
             return
+        if len(buf) < self.cs:            # the image's last cluster, zero-padded
+            buf += bytes(self.cs - len(buf))
         packed = compress_cluster(bytes(buf), self.codec)
         self.b.write_packed(c * self.cs, memoryview(buf), packed)
 

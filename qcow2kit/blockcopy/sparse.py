@@ -10,6 +10,8 @@ way).  ``min_sparse=0`` turns detection off: everything is data.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from ..boolruns import true_runs
@@ -86,23 +88,24 @@ def split_segments(buf: memoryview, segments: list[tuple[int, int, int]],
         if nonzero.all():
             return [(g, at, n) for g, n, at in segments if n], zeros
         for g, n, at in segments:
-            pos = 0
             starts, ends = true_runs(nonzero[at // block:(at + n) // block])
-            for s, e in zip((starts * block).tolist(), (ends * block).tolist()):
-                if s > pos:
-                    zeros.append((g + pos, s - pos))
-                writes.append((g + s, at + s, e - s))
-                pos = e
-            if pos < n:
-                zeros.append((g + pos, n - pos))
+            _split(g, n, at, zip((starts * block).tolist(), (ends * block).tolist()),
+                   writes, zeros)
         return writes, zeros
     for g, n, at in segments:
-        pos = 0
-        for s, e in data_runs(buf[at:at + n], g, min_sparse):
-            if s > pos:
-                zeros.append((g + pos, s - pos))
-            writes.append((g + s, at + s, e - s))
-            pos = e
-        if pos < n:
-            zeros.append((g + pos, n - pos))
+        _split(g, n, at, data_runs(buf[at:at + n], g, min_sparse), writes, zeros)
     return writes, zeros
+
+
+def _split(g: int, n: int, at: int, runs: Iterable[tuple[int, int]],
+           writes: list[tuple[int, int, int]], zeros: list[tuple[int, int]]) -> None:
+    """Segment ``(g, n, at)`` cut by its data ``runs`` (offsets in the segment): the data
+    appended to ``writes`` as ``(guest, at, length)``, the rest to ``zeros``."""
+    pos = 0
+    for s, e in runs:
+        if s > pos:
+            zeros.append((g + pos, s - pos))
+        writes.append((g + s, at + s, e - s))
+        pos = e
+    if pos < n:
+        zeros.append((g + pos, n - pos))

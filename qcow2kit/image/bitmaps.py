@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import spec
-from ..boolruns import true_runs
+from ..boolruns import merge_spans, true_runs
 from ..errors import CorruptImageError
 from ..layout import bitmaps as B
 from ..layout import offset_of
@@ -102,6 +102,13 @@ def dirty_runs(src: ByteSource, bm: Bitmap, virtual_size: int, cluster_size: int
     every entry must be a cluster-aligned offset inside the file with no reserved bit set,
     or 0 / 1 (all zeros, all ones).
     """
+    return merge_spans(_dirty_spans(src, bm, virtual_size, cluster_size, file_size,
+                                     batch=batch))
+
+
+def _dirty_spans(src: ByteSource, bm: Bitmap, virtual_size: int, cluster_size: int,
+                 file_size: int, *, batch: int = 64) -> Iterator[tuple[int, int]]:
+    """The dirty spans ``(start, end)`` of ``bm``, in order (see :func:`dirty_runs`)."""
     want = table_size(bm, virtual_size, cluster_size)
     table_off = bm.bitmap_table_offset
     if bm.bitmap_table_size != want:
@@ -114,7 +121,6 @@ def dirty_runs(src: ByteSource, bm: Bitmap, virtual_size: int, cluster_size: int
                                 offset=bm.entry_offset)
     bits_per_entry = cluster_size * 8
     gran = bm.granularity
-    cur_a = cur_e = -1
     for first in range(0, want, batch):
         n = min(batch, want - first)
         raw = src.read_at(table_off + 8 * first, 8 * n, field="bitmap table")
@@ -138,22 +144,12 @@ def dirty_runs(src: ByteSource, bm: Bitmap, virtual_size: int, cluster_size: int
             base = i * bits_per_entry * gran
             span = min(bits_per_entry * gran, virtual_size - base)
             if off == 0:
-                if not entry & spec.BME_TABLE_ENTRY_FLAG_ALL_ONES:
-                    continue
-                runs: list[tuple[int, int]] = [(base, base + span)]
-            else:
-                data = np.frombuffer(src.read_at(off, cluster_size, field="bitmap data"),
-                                     dtype=np.uint8)
-                bits = np.unpackbits(data, bitorder="little")[:-(-span // gran)].astype(bool)
-                starts, ends = true_runs(bits)
-                runs = [(base + s * gran, min(base + e * gran, virtual_size))
-                        for s, e in zip(starts.tolist(), ends.tolist())]
-            for a, e in runs:
-                if a == cur_e:
-                    cur_e = e
-                    continue
-                if cur_e > cur_a >= 0:
-                    yield cur_a, cur_e - cur_a
-                cur_a, cur_e = a, e
-    if cur_e > cur_a >= 0:
-        yield cur_a, cur_e - cur_a
+                if entry & spec.BME_TABLE_ENTRY_FLAG_ALL_ONES:
+                    yield base, base + span
+                continue
+            data = np.frombuffer(src.read_at(off, cluster_size, field="bitmap data"),
+                                 dtype=np.uint8)
+            bits = np.unpackbits(data, bitorder="little")[:-(-span // gran)].astype(bool)
+            starts, ends = true_runs(bits)
+            for s, e in zip(starts.tolist(), ends.tolist()):
+                yield base + s * gran, min(base + e * gran, virtual_size)
