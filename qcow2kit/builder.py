@@ -510,14 +510,17 @@ class ImageBuilder:
         if self._uncommitted_bytes >= self.checkpoint_bytes:
             self._checkpoint()
 
-    def unreserve(self, *, keep: bool = False) -> np.ndarray:
+    def unreserve(self, *, keep: bool = False, as_data: bool = False) -> np.ndarray:
         """Settle the reserved clusters never filled; returns their guest cluster numbers.
 
         By default they are given up: their refcounts drop to 0 (holes in the file,
         never pointed at) and they may be written again.  ``keep`` keeps them in place,
         committed as clusters that read as zeros (allocated zero clusters; in a version 2
         image, which has none, data clusters over a hole of the file), so an image
-        reserved in guest order stays unfragmented."""
+        reserved in guest order stays unfragmented.  ``as_data`` (with ``keep``) commits
+        them as data clusters over the file's holes in every version: they read as zeros
+        until written, and writing into them in place (at their host offsets, without the
+        builder) makes the data read back.  A resumable copy maps its target so."""
         out: list[np.ndarray] = []
         with self._lock:
             if self._w is None:
@@ -527,8 +530,8 @@ class ImageBuilder:
             touched: list[tuple[int, int]] = []
             a.used.touched = touched
             self._touched_rti = set()
-            zero_flag = np.uint64(spec.OFLAG_ZERO if self.options.version >= 3
-                                  and not self.geo.extended else 0)
+            zeros = self.options.version >= 3 and not as_data
+            zero_flag = np.uint64(spec.OFLAG_ZERO if zeros and not self.geo.extended else 0)
             try:
                 for l1 in sorted(self._resv):
                     resv, filled = self._resv[l1], self._filled[l1]
@@ -541,7 +544,7 @@ class ImageBuilder:
                         e, b = self._l2_table(l1)
                         e[idx] = resv[idx] | zero_flag
                         if b is not None:
-                            b[idx] = _ALL_ZERO if self.options.version >= 3 else _ALL_ALLOC
+                            b[idx] = _ALL_ZERO if zeros else _ALL_ALLOC
                         filled[idx] = True
                         self._dirty_l2.add(l1)
                         starts, ends = true_runs(unfilled)

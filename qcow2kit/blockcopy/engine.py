@@ -139,14 +139,18 @@ class CopyJob:
 
     ``source`` is a :class:`.tasks.ReadSource` (its :meth:`start` is called
     here when the caller has not done it); ``progress(done, total)`` is called
-    from the workers, one call at a time, after every task.
+    from the workers, one call at a time, after every task.  ``on_copied(ranges)``
+    is called from the worker after each task whose writes all returned, with the
+    guest ranges it covered (data and zeros; discarded parts left out): what a
+    resumable copy may mark done once the target is flushed.
     """
 
     def __init__(self, source: ReadSource, target: CopyTarget, *,
                  workers: int = DEFAULT_WORKERS, max_inflight: int = DEFAULT_MAX_INFLIGHT,
                  min_sparse: int = DEFAULT_MIN_SPARSE, rate_limit: int | None = None,
                  retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None,
+                 on_copied: Callable[[list[Range]], None] | None = None) -> None:
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers must be between 1 and {MAX_WORKERS}, not {workers}")
         if max_inflight < 1:
@@ -168,6 +172,7 @@ class CopyJob:
         self.retries = retries
         self.backoff = backoff
         self.progress = progress
+        self.on_copied = on_copied
         self.size = source.img.size
         self.bitmap = CopyBitmap(self.size, job_granularity(source.img, source.max_chunk))
         self.result = CopyResult()
@@ -353,9 +358,11 @@ class CopyJob:
                 continue
             with self._cond:
                 res.done += nbytes
-                res.copied += (sum(m for a, n in task.ranges
-                                   for _, m in subtract(a, n, task.cancelled))
-                               if task.cancelled else nbytes)
+                done = ([r for a, n in task.ranges for r in subtract(a, n, task.cancelled)]
+                        if task.cancelled else task.ranges)
+                res.copied += sum(n for _, n in done) if task.cancelled else nbytes
+            if self.on_copied is not None:
+                self.on_copied(done)
             self._report()
             return
 
