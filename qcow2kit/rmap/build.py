@@ -17,11 +17,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .. import spec
 from .. import tables as T
-from ..errors import Qcow2Error, UnsupportedFeatureError
+from ..errors import UnsupportedFeatureError
 from ..hostorder import HostOrderPlan
 from ..image import Image
+from ..inplace import extension_area, publish_extension, set_header_field
 from ..layout import header as H
 from ..layout.rmap import (AUTOCLEAR_RMAP, EXT_RMAP, FLAG_DATA_FILE, RMAP_VERSION,
                            RmapDataHeaderFields, RmapExtensionData, encode_rmap_data_header,
@@ -179,9 +179,9 @@ def build(path: str | os.PathLike[str], *, memory: int = 32 << 20) -> RmapInfo:
         ext = encode_rmap_extension(RmapExtensionData(
             RMAP_VERSION, flags, where, length, c.nb_data + int(c.comp.shape[0]),
             img.header.l1_table_offset, l1_crc(img), crc))
-        _publish_extension(w, img, ext)                        # 2, 3: extension visible
+        publish_extension(w, img, EXT_RMAP, ext)                      # 2, 3: extension visible
         auto = img.header.autoclear_features | AUTOCLEAR_RMAP
-        _set_header_field(w, "autoclear_features", auto)
+        set_header_field(w, "autoclear_features", auto)
         w.sync()
         w.step()                                               # 4: valid bit set
     with Image.open(path, follow_backing=False) as img:
@@ -193,60 +193,6 @@ def build(path: str | os.PathLike[str], *, memory: int = 32 << 20) -> RmapInfo:
 
 def _clusters(units: int, unit_bits: int, cluster_bits: int) -> int:
     return units >> (cluster_bits - unit_bits)
-
-
-_END_ENTRY = H.encode_extension(spec.EXT_END, b"")
-
-
-def _set_header_field(w: ImageWriter, name: str, value: int) -> None:
-    """Write one header field in place (its offset and encoding from the declaration)."""
-    offset, raw = H.field_patch(name, value)
-    w.pwrite(raw, offset)
-
-
-def _ext_layout(img: Image) -> tuple[int, int]:
-    """(offset of the end-of-extensions entry, end of the extension area incl. that entry)."""
-    off = img.header.header_length
-    for ext in img.header.extensions:
-        off = ext.offset + len(H.encode_extension(ext.type, ext.data))
-    return off, off + len(_END_ENTRY)
-
-
-def _publish_extension(w: ImageWriter, img: Image, ext: bytes) -> None:
-    """Steps 2 and 3 of docs/rmap-extension.md: move the backing name if needed, then
-    append the extension before the end entry with one aligned 8-byte flip."""
-    h = img.header
-    cs = img.cluster_size
-    end_entry, _ = _ext_layout(img)
-    if w.pread(end_entry, len(_END_ENTRY)) != _END_ENTRY:
-        raise Qcow2Error(f"no end-of-extensions entry at {end_entry:#x}; "
-                         f"refusing to add an extension", field="header extension",
-                         offset=end_entry).locate(img.filename)
-    entry = H.encode_extension(EXT_RMAP, ext)
-    frame = H.ExtensionFrame.sizeof()
-    new_end = end_entry + len(entry) + len(_END_ENTRY)   # our extension + new end entry
-    if h.backing_file_offset:
-        name_start = h.backing_file_offset
-        name_len = h.backing_file_size
-        if name_start < new_end:
-            target = (max(new_end, name_start + name_len) + 7) // 8 * 8
-            if target + name_len > cs:
-                raise Qcow2Error("no room in cluster 0 for the reverse-map "
-                                 "extension", field="backing_file_offset",
-                                 offset=H.field_offset("backing_file_offset")).locate(img.filename)
-            w.pwrite(w.pread(name_start, name_len), target)
-            w.sync()
-            _set_header_field(w, "backing_file_offset", target)
-            w.sync()
-    elif new_end > cs:
-        raise Qcow2Error("no room in cluster 0 for the reverse-map extension",
-                         field="header extension", offset=end_entry).locate(img.filename)
-    w.step()                                                   # 2: backing name out of the way
-    w.pwrite(entry[frame:] + _END_ENTRY, end_entry + frame)
-    w.sync()
-    w.pwrite(entry[:frame], end_entry)     # one aligned 8-byte write: the end entry becomes ours
-    w.sync()
-    w.step()                                                   # 3: extension in the list
 
 
 def _has_ext(path: str) -> bool:
@@ -264,18 +210,18 @@ def drop(path: str | os.PathLike[str]) -> bool:
             v3 = img.header.version >= 3   # a v2 header has no autoclear field
             if data is None:
                 if v3 and auto & AUTOCLEAR_RMAP:
-                    _set_header_field(w, "autoclear_features", auto & ~AUTOCLEAR_RMAP)
+                    set_header_field(w, "autoclear_features", auto & ~AUTOCLEAR_RMAP)
                     w.sync()
                 return False
             info = status(img)
             before = recorded_size(img, info)
             if v3:
-                _set_header_field(w, "autoclear_features", auto & ~AUTOCLEAR_RMAP)
+                set_header_field(w, "autoclear_features", auto & ~AUTOCLEAR_RMAP)
                 w.sync()
             w.step()
             # Rewrite the extension list without ours, in one write of the area.
             start = img.header.header_length
-            _, area_end = _ext_layout(img)
+            _, area_end = extension_area(img.header)
             kept = H.encode_extensions([(ext.type, ext.data) for ext in img.header.extensions
                                         if ext.type != EXT_RMAP])
             w.pwrite(kept + bytes(max(0, area_end - start - len(kept))), start)
