@@ -291,6 +291,7 @@ def _open_source(path: str, fmt: str | None) -> Image | None:
 
 def edit_bitmaps(path: str | os.PathLike[str], name: str, ops: Sequence[Op], *,
                  granularity: int | None = None, add_disabled: bool = False,
+                 add_dirty: Iterable[tuple[int, int]] = (),
                  source_file: str | os.PathLike[str] | None = None,
                  source_fmt: str | None = None) -> None:
     """Run ``ops`` on bitmap ``name`` of ``path`` in order, as ``qemu-img bitmap`` does.
@@ -313,7 +314,7 @@ def edit_bitmaps(path: str | os.PathLike[str], name: str, ops: Sequence[Op], *,
             for op, arg in ops:
                 try:
                     _run_op(ed, op, arg, name, granularity, add_disabled, src_img,
-                            source_file is not None)
+                            source_file is not None, add_dirty)
                 except Qcow2Error as exc:
                     exc.message = f"Operation {op} on bitmap {name} failed: {exc.message}"
                     exc.args = (exc.message, *exc.args[1:])
@@ -325,11 +326,14 @@ def edit_bitmaps(path: str | os.PathLike[str], name: str, ops: Sequence[Op], *,
 
 
 def _run_op(ed: InplaceEditor, op: str, arg: str | None, name: str, granularity: int | None,
-            add_disabled: bool, src_img: Image | None, other_file: bool) -> None:
+            add_disabled: bool, src_img: Image | None, other_file: bool,
+            add_dirty: Iterable[tuple[int, int]] = ()) -> None:
     entries, old_dir = _read_dir(ed)
     d = _Dir(entries, {}, [])
     if op == "add":
         _op_add(ed, d, name, granularity, not add_disabled)
+        e = d.entries[-1]
+        _set_ranges(d.bits[len(d.entries) - 1], add_dirty, 1 << e.granularity_bits)
     elif op == "remove":
         _op_remove(ed, d, name)
     elif op == "clear":
@@ -349,10 +353,11 @@ def _run_op(ed: InplaceEditor, op: str, arg: str | None, name: str, granularity:
 
 
 def add_bitmap(path: str | os.PathLike[str], name: str, granularity: int | None = None,
-               enabled: bool = True) -> None:
-    """Add an empty persistent bitmap (``qemu-img bitmap --add [-g G] [--disable]``)."""
+               enabled: bool = True, dirty: Iterable[tuple[int, int]] = ()) -> None:
+    """Add a persistent bitmap (``qemu-img bitmap --add [-g G] [--disable]``), empty or
+    with the guest ranges ``dirty`` marked (every granule they touch)."""
     edit_bitmaps(path, name, [("add", None)], granularity=granularity,
-                 add_disabled=not enabled)
+                 add_disabled=not enabled, add_dirty=dirty)
 
 
 def remove_bitmap(path: str | os.PathLike[str], name: str) -> None:

@@ -84,6 +84,12 @@ class PendingMap:
                 todo[a // granularity:-(-min(a + n, size) // granularity)] = True
         return cls(size, granularity, todo)
 
+    @classmethod
+    def from_journal(cls, j: Journal) -> "PendingMap":
+        """The map a journal keeps."""
+        count = -(-j.size >> j.granularity_bits) if j.size else 0
+        return cls(j.size, 1 << j.granularity_bits, unpack_bits(j.bitmap, count))
+
     def _glen(self, i: int) -> int:
         return min(self.granularity, self.size - i * self.granularity)
 

@@ -8,19 +8,32 @@ everything that must read as zeros already a zero cluster), so the copy itself
 changes no metadata: it writes data in place into clusters the image already maps,
 which a resumed copy can do again without knowing what the first one did.  A raw
 file needs nothing of the kind.
+
+The pending bits of a qcow2 target are a persistent bitmap of the target itself
+(:class:`BitmapStore`, named :data:`PENDING_BITMAP`, disabled so that QEMU never
+records writes in it): added with the bits of everything to copy before the copy
+starts, its data clusters rewritten in place at each checkpoint (bits are only ever
+cleared, after the data they stand for is on disk, so any mix of old and new bytes
+is safe), removed when the copy is complete.  ``qemu-img info`` lists it while a
+copy is unfinished.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+
+from .. import spec
 from .. import tables as T
-from ..errors import Qcow2Error
+from ..bitmapedit import add_bitmap, remove_bitmap
+from ..errors import BitmapNotFoundError, Qcow2Error
 from ..image import Image
 from ..writer import ImageWriter
 from .engine import CopyJob, CopyResult
-from .pending import Checkpointer, PendingMap, PendingStore
+from .pending import Checkpointer, PendingMap, PendingStore, pack_bits
 from .target import CopyTarget, _punch_hole, io_error
 from .tasks import ReadSource
 
@@ -105,14 +118,69 @@ class MappedQcow2Target(CopyTarget):
             raise io_error(exc, self.path, "flush", None) from exc
 
 
+PENDING_BITMAP = "qcow2kit-copy-pending"
+
+
+class BitmapStore:
+    """The pending bits of a copy in the persistent bitmap ``name`` of the target
+    (see the module docstring); ``writer`` is the target's (it holds the locks)."""
+
+    def __init__(self, img: Image, writer: ImageWriter, name: str = PENDING_BITMAP) -> None:
+        bm = img.bitmap(name)
+        if bm.auto or bm.in_use:
+            raise Qcow2Error(f"bitmap '{name}' of {img.filename} is "
+                             f"{'in use' if bm.in_use else 'enabled'}: not a copy's "
+                             f"pending bitmap", path=img.filename)
+        self.path = img.filename or writer.path
+        self.name = name
+        self.w = writer
+        self.cluster_size = img.cluster_size
+        self.granularity = bm.granularity
+        raw = img.src.read_at(bm.bitmap_table_offset, 8 * bm.bitmap_table_size,
+                              field="bitmap table")
+        self.clusters = (np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+                         & np.uint64(spec.BME_TABLE_ENTRY_OFFSET_MASK))
+
+    @staticmethod
+    def create(path: str, granularity: int, runs: Iterable[tuple[int, int]],
+               name: str = PENDING_BITMAP) -> None:
+        """Add the pending bitmap to the image at ``path``, ``runs`` marked."""
+        add_bitmap(path, name, granularity, enabled=False, dirty=runs)
+
+    @staticmethod
+    def load(img: Image, name: str = PENDING_BITMAP) -> PendingMap | None:
+        """The pending map kept in ``img``; None when it has no such bitmap."""
+        try:
+            bm = img.bitmap(name)
+        except BitmapNotFoundError:
+            return None
+        return PendingMap.from_runs(img.size, bm.granularity, img.dirty_ranges(name))
+
+    def save(self, todo: np.ndarray, changed: np.ndarray) -> None:
+        per = self.cluster_size * 8
+        for k in np.unique(changed // per).tolist():
+            host = int(self.clusters[k])
+            if not host:               # an all-zeros cluster has no bit to clear
+                continue
+            raw = pack_bits(todo[k * per:(k + 1) * per])
+            self.w.pwrite(raw + bytes(self.cluster_size - len(raw)), host)
+        self.w.sync()
+
+    def remove(self) -> None:
+        """Drop the bitmap (call it once the target's writer is closed: it takes the
+        image's locks itself)."""
+        remove_bitmap(self.path, self.name)
+
+
 def run_resumable(source: ReadSource, target: CopyTarget, pending: PendingMap,
                   store: PendingStore, *, interval: float = 1.0,
                   **job_options: Any) -> tuple[CopyResult, Checkpointer]:
     """Copy what ``pending`` marks, keeping ``store`` up to date (see :mod:`.pending`).
 
-    ``job_options`` are :class:`CopyJob`'s.  When every pending byte was copied the
-    target is flushed and ``store`` removed; otherwise (failed ranges, a stop, an
-    exception, a kill) the store keeps what is left for the next run.
+    ``job_options`` are :class:`CopyJob`'s.  When every pending byte was copied
+    (``result.complete``) the target has been flushed and the caller removes ``store``
+    (after closing the target, for a :class:`BitmapStore`); otherwise (failed ranges,
+    a stop, an exception, a kill) the store keeps what is left for the next run.
     """
     cp = Checkpointer(pending, store, target.flush, interval=interval)
     job = CopyJob(source, target, on_copied=cp.note, **job_options)
@@ -128,8 +196,7 @@ def run_resumable(source: ReadSource, target: CopyTarget, pending: PendingMap,
         cp.stop()
     if result.stopped is None and not result.failed:
         target.flush()
-        store.remove()
     return result, cp
 
 
-__all__ = ["MappedQcow2Target", "run_resumable"]
+__all__ = ["BitmapStore", "MappedQcow2Target", "PENDING_BITMAP", "run_resumable"]
