@@ -110,25 +110,12 @@ def _source(tmp_path: Path) -> Path:
     return src
 
 
-def _prepare_qcow2(img: Image, dst: str) -> None:
-    """Map a new qcow2 image for every allocated cluster of ``img`` (as a resumable full
-    copy does before it starts)."""
-    from qcow2kit.blockcopy.qcow2target import reserve_data
-    from qcow2kit.builder import ImageBuilder
-    from qcow2kit.convert import _data_ranges
-    b = ImageBuilder(dst, img.size, cache="writeback")
-    reserve_data(b, _data_ranges(img, 32 * MiB))
-    b.unreserve(keep=True, as_data=True)
-    b.finish()
-
-
 def copy(src: str, dst: str, kind: str, rate: int = 0, interval: float = 0.0) -> None:
     """Start or resume a copy of ``src`` into ``dst`` (``kind`` raw, with its journal at
     ``dst + '.pending'``, or qcow2, with its pending bitmap); prints progress lines."""
+    from qcow2kit.resume import finish_pending, map_qcow2_target, pending_of, start_pending
     from qcow2kit.writer import ImageWriter
-    journal = dst + ".pending"
     with Image.open(src) as img:
-        g = pending_granularity(img.size, img.cluster_size)
         source = read_source(img, "host")
 
         def progress(done: int, total: int) -> None:
@@ -136,38 +123,30 @@ def copy(src: str, dst: str, kind: str, rate: int = 0, interval: float = 0.0) ->
 
         options = dict(interval=interval, workers=2, rate_limit=rate or None,
                        max_inflight=2 * MiB, progress=progress)
-        if kind == "qcow2":
-            if not os.path.exists(dst):
-                _prepare_qcow2(img, dst)
-                BitmapStore.create(dst, g, [(0, img.size)])
-            with Image.open(dst, locking=False) as timg:
-                pending = BitmapStore.load(timg)
-            assert pending is not None
-            with ImageWriter(dst) as w, Image.open(dst, locking=False) as timg:
-                bstore = BitmapStore(timg, w)
-                res, cp = run_resumable(source, MappedQcow2Target(timg, w), pending, bstore,
-                                        **options)
-            if res.complete:
-                bstore.remove()              # the writer is closed: remove takes the locks
-        else:
-            old = JournalStore.load(journal)
-            store = JournalStore(journal, img.size, g, b"test")
-            if old is None:
+        if not os.path.exists(dst):
+            if kind == "qcow2":
+                cs = map_qcow2_target(img, dst, None, memory=32 * MiB)
+            else:
+                cs = img.cluster_size
                 with open(dst, "wb") as f:
                     f.truncate(img.size)
-                pending = PendingMap.from_runs(img.size, g, [(0, img.size)])
-                store.save(pending.todo)
-            else:
-                pending = PendingMap.from_journal(old)
+            start_pending(img, dst, kind, None, cs, b"test")
+        pending = pending_of(dst, kind, img.size, b"test")
+        if kind == "qcow2":
+            with ImageWriter(dst) as w, Image.open(dst, locking=False) as timg:
+                res, cp = run_resumable(source, MappedQcow2Target(timg, w), pending,
+                                        BitmapStore(timg, w), **options)
+        else:
             fd = os.open(dst, os.O_RDWR)
             try:
+                store = JournalStore(dst + ".pending", img.size, pending.granularity, b"test")
                 res, cp = run_resumable(source, RawFileTarget(fd, dst, img.size,
                                                               zero_initialized=False),
                                         pending, store, **options)
             finally:
                 os.close(fd)
-            if res.complete:
-                store.remove()
+        if res.complete:
+            finish_pending(dst, kind)
         print("copied", res.copied, "checkpoints", cp.checkpoints, flush=True)
 
 

@@ -1,0 +1,128 @@
+"""The targets of resumable copies: made, found again, and finished.
+
+A resumable copy (:mod:`qcow2kit.blockcopy.resumable`) needs a target whose metadata
+will not change while it copies, and durable pending bits beside or inside it:
+
+- a qcow2 target is created *mapped* (:func:`map_qcow2_target`): every cluster the copy
+  may write is allocated in guest order (unfragmented) as a data cluster over a hole of
+  the file, and, when the target has a backing file, every cluster it must hide
+  without data is a zero cluster, all of it on disk (fsync) before the copy starts; its
+  pending bits then go into a persistent bitmap of the image (:class:`BitmapStore`);
+- a raw target is a sparse file of the guest size; its pending bits go into a journal
+  beside it, ``TARGET.pending`` (:class:`JournalStore`).
+
+:func:`pending_of` finds the pending bits of an interrupted copy again, or says why
+the file is not one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+
+from .blockcopy.pending import JournalStore, PendingMap, pending_granularity
+from .blockcopy.qcow2target import reserve_data
+from .blockcopy.resumable import PENDING_BITMAP, BitmapStore
+from .boolruns import true_runs
+from .builder import ImageBuilder
+from .convert import _data_ranges, _intersect
+from .errors import Qcow2Error
+from .image import Image
+
+JOURNAL_SUFFIX = ".pending"
+
+
+def map_qcow2_target(img: Image, dst: str, keep: Sequence[tuple[int, int]] | None, *,
+                     options: Sequence[str] = (), backing_file: str | None = None,
+                     backing_fmt: str | None = None, memory: int,
+                     check_files: Callable[[str], object] | None = None) -> int:
+    """Create ``dst``, mapped for a copy of ``img``'s guest ranges ``keep`` (whole clusters;
+    None: everything); returns its cluster size.
+
+    Clusters of ``keep`` that hold data in ``img`` become data clusters over holes of the
+    file; with ``backing_file``, the other clusters of ``keep`` become zero clusters (the
+    backing file must not show through there).  Everything is on disk on return.
+    """
+    builder = ImageBuilder(dst, img.size, create_options=options, backing_file=backing_file,
+                           backing_fmt=backing_fmt, cache="writeback", check_files=check_files)
+    try:
+        cs = builder.cluster_size
+        ranges = list(keep) if keep is not None else [(0, img.size)]
+        reserve_data(builder, _intersect(_data_ranges(img, memory), ranges))
+        if backing_file is not None:
+            for a, n in ranges:
+                first = a // cs
+                unreserved = ~builder.reserved(a, n)
+                starts, ends = true_runs(unreserved)
+                for s, e in zip(starts.tolist(), ends.tolist()):
+                    lo = (first + s) * cs
+                    builder.write_zero(lo, min((first + e) * cs, img.size) - lo)
+        builder.unreserve(keep=True, as_data=True)
+        builder.finish()
+    except BaseException:
+        builder.close()
+        raise
+    return cs
+
+
+def start_pending(img: Image, dst: str, fmt: str, keep: Iterable[tuple[int, int]] | None,
+                  cluster_size: int, tag: bytes) -> PendingMap:
+    """Record, durably, that ``keep`` (None: everything) of the new target ``dst`` is still
+    to copy; returns the pending map."""
+    g = pending_granularity(img.size, cluster_size)
+    runs = list(keep) if keep is not None else [(0, img.size)]
+    pending = PendingMap.from_runs(img.size, g, runs)
+    if fmt == "qcow2":
+        BitmapStore.create(dst, g, pending.runs())
+    else:
+        JournalStore(dst + JOURNAL_SUFFIX, img.size, g, tag).save(pending.todo)
+    return pending
+
+
+class NotResumableError(Qcow2Error):
+    """The target is not an interrupted copy that can be resumed."""
+
+
+def pending_of(dst: str, fmt: str, size: int, tag: bytes) -> PendingMap:
+    """The pending map of the interrupted copy into ``dst`` (:class:`NotResumableError`
+    when there is none, or it is not a copy of ``size`` bytes made with ``tag``)."""
+    if not os.path.exists(dst):
+        raise NotResumableError(f"{dst}: nothing to resume: the file does not exist",
+                                path=dst)
+    if fmt == "raw":
+        j = JournalStore.load(dst + JOURNAL_SUFFIX)
+        if j is None:
+            raise NotResumableError(f"{dst}: nothing to resume: no {dst + JOURNAL_SUFFIX} "
+                                    f"(the copy finished, or was not started by qcow2kit)",
+                                    path=dst)
+        if j.size != size or j.tag != tag:
+            raise NotResumableError(f"{dst}: {dst + JOURNAL_SUFFIX} is the journal of "
+                                    f"another copy ({j.tag.decode(errors='replace')})",
+                                    path=dst)
+        if os.path.getsize(dst) != size:
+            raise NotResumableError(f"{dst}: is {os.path.getsize(dst)} bytes, not {size}: "
+                                    f"not the target of this copy", path=dst)
+        return PendingMap.from_journal(j)
+    with Image.open(dst, follow_backing=False) as timg:
+        pending = BitmapStore.load(timg)
+        if pending is None:
+            raise NotResumableError(f"{dst}: nothing to resume: it has no bitmap "
+                                    f"'{PENDING_BITMAP}' (the copy finished, or was not "
+                                    f"started by qcow2kit)", path=dst)
+        if timg.size != size:
+            raise NotResumableError(f"{dst}: its size {timg.size} is not the source's {size}: "
+                                    f"not the target of this copy", path=dst)
+    return pending
+
+
+def finish_pending(dst: str, fmt: str) -> None:
+    """The copy is complete and flushed: drop its pending bits."""
+    if fmt == "raw":
+        JournalStore(dst + JOURNAL_SUFFIX, 0, 512, b"").remove()
+    else:
+        from .bitmapedit import remove_bitmap
+        remove_bitmap(dst, PENDING_BITMAP)
+
+
+__all__ = ["JOURNAL_SUFFIX", "NotResumableError", "finish_pending", "map_qcow2_target",
+           "pending_of", "start_pending"]
