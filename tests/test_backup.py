@@ -16,6 +16,8 @@ import os
 import random
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -262,3 +264,31 @@ def test_help_explains_with_examples() -> None:
     assert r.returncode == 0
     for words in ("--sync", "--bitmap", "--base", "in use", "TARGET.checksum", "examples"):
         assert words in r.stdout, words
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_backup_removes_what_it_created(source: Path, tmp_path: Path, sig: int,
+                                                    code: int) -> None:
+    """Stopped right after the raw target was opened (the QCOW2KIT_TARGET_STOP hook), then
+    interrupted: the target is removed and no checksum file is left."""
+    dst = tmp_path / "full.raw"
+    env = dict(os.environ, QCOW2KIT_TARGET_STOP="1")
+    proc = subprocess.Popen([sys.executable, "-m", "qcow2kit", "backup", "-O", "raw",
+                             "--checksum", str(source), str(dst)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not _stopped(proc.pid):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert dst.exists()
+    os.kill(proc.pid, sig)
+    os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert sorted(os.listdir(tmp_path)) == ["disk.qcow2"]
