@@ -205,8 +205,9 @@ def plan_backup(img: Image, target: str | os.PathLike[str], *, sync: str = "full
         return plan
     try:
         if bitmap is None or base is None:
-            raise ValueError(f"an incremental backup needs "
-                             f"{'--bitmap and --base' if bitmap is None and base is None else '--bitmap' if bitmap is None else '--base'}")  # noqa: E501
+            missing = [flag for flag, value in (("--bitmap", bitmap), ("--base", base))
+                       if value is None]
+            raise ValueError(f"an incremental backup needs {' and '.join(missing)}")
         if fmt != "qcow2":
             raise ValueError("an incremental backup is a qcow2 overlay (-O qcow2), not raw")
         plan.pending = dirty_bitmap(img, bitmap, img.cluster_size)
