@@ -116,3 +116,27 @@ def checksum(img: Image, *, block_size: int = BLOCK_SIZE, order: str = "host",
         if progress is not None:
             progress(w_end - w)
     return {"algorithm": ALGORITHM, "block_size": block_size, "checksum": outer.hexdigest()}
+
+
+def block_hasher(size: int, block_size: int = BLOCK_SIZE) -> CopyTarget:
+    """A copy target that hashes the guest content of a whole disk of ``size`` bytes as a
+    copy passes it (pieces in any order, zeros included): what ``backup --checksum`` puts
+    beside the copy (:class:`qcow2kit.blockcopy.TeeTarget`); :func:`hasher_checksum` then
+    gives the checksum.  Pieces of blocks wait in memory until their block is complete."""
+    if block_size <= 0 or block_size % 4096:
+        raise ValueError(f"block size must be a positive multiple of 4096, not {block_size}")
+    return _HashTarget(size, block_size, 0, -(-size // block_size), _digest(bytes(block_size)))
+
+
+def hasher_checksum(hasher: CopyTarget) -> dict[str, object]:
+    """The checksum (the JSON object of :func:`checksum`) of what a :func:`block_hasher`
+    received; every block must be complete."""
+    if not isinstance(hasher, _HashTarget):
+        raise TypeError(f"not a block_hasher: {hasher!r}")
+    outer = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    for k, d in enumerate(hasher.digests):
+        if d is None:
+            raise ValueError(f"block {k} was never completed")
+        outer.update(d)
+    return {"algorithm": ALGORITHM, "block_size": hasher.block_size,
+            "checksum": outer.hexdigest()}

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from .blockcopy import (DEFAULT_CHUNK, DEFAULT_MAX_INFLIGHT, DEFAULT_MIN_SPARSE, DEFAULT_WORKERS,
-                        CopyJob, CopyResult, RawFileTarget, read_source)
+                        CopyBitmap, CopyJob, CopyResult, CopyTarget, RawFileTarget, ReadSource,
+                        TeeTarget, read_source)
 from .blockcopy.engine import DEFAULT_BACKOFF, DEFAULT_RETRIES
+from .blockcopy.tasks import job_granularity
 from .blockcopy.qcow2target import Qcow2Target, reserve_data
 from .boolruns import merge_spans
 from .builder import ImageBuilder
@@ -62,6 +65,130 @@ class _Progress:
         self.done = max(self.done, done)
 
 
+@dataclass
+class CopySettings:
+    """How a conversion's copy runs (see :func:`convert_to_raw` for each knob)."""
+
+    order: str = "host"
+    memory: int = DEFAULT_MEMORY
+    workers: int = DEFAULT_WORKERS
+    max_chunk: int = DEFAULT_CHUNK
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
+    min_sparse: int = DEFAULT_MIN_SPARSE
+    rate_limit: int | None = None
+    retries: int = DEFAULT_RETRIES
+    backoff: float = DEFAULT_BACKOFF
+
+
+class _Copy:
+    """The copy of one conversion: its reads planned (and the source's tables checked) on
+    creation, before any target is touched; :meth:`run` copies into a target.
+
+    ``pending`` (a copy bitmap) restricts the copy to its set bits, and the reads to the
+    data inside them (nothing else is read).  ``window`` cuts the guest disk into windows
+    of that many bytes, each planned, read (in host order) and copied by a job of its own,
+    one after the other: what a ``watcher`` gathering whole blocks holds at once stays
+    within about a window.  ``watcher`` (a :class:`~qcow2kit.blockcopy.CopyTarget`) is
+    shown the guest content as it is copied (:class:`~qcow2kit.blockcopy.TeeTarget`).
+    """
+
+    def __init__(self, img: Image, settings: CopySettings, *,
+                 pending: CopyBitmap | None = None, window: int | None = None,
+                 watcher: CopyTarget | None = None,
+                 progress: Callable[[int], None] | None = None,
+                 on_total: Callable[[int], None] | None = None) -> None:
+        self.img = img
+        self.settings = settings
+        self.pending = pending
+        self.watcher = watcher
+        size = img.size
+        if window is None or window >= size:
+            self.windows: list[tuple[int, int | None]] = [(0, None)]
+        else:
+            if window <= 0:
+                raise ValueError(f"window must be positive, not {window}")
+            self.windows = [(w, min(window, size - w)) for w in range(0, size, window)]
+        self.first = self._source(*self.windows[0])
+        # Plans (host order: every L2 table of the chain read and checked before the
+        # first read) before the target is touched: a corrupt table stops us here.
+        total = self.first.start(want_total=on_total is not None or settings.order == "guest")
+        if len(self.windows) > 1:
+            total = self._source(0, None).data_bytes()     # every table of the chain checked
+        self.report = _Progress(total, progress, on_total)
+
+    def _source(self, start: int, length: int | None) -> ReadSource:
+        st = self.settings
+        return read_source(self.img, st.order, memory=st.memory, max_chunk=st.max_chunk,
+                           start=start, length=length, only=self.pending)
+
+    @property
+    def total(self) -> int:
+        return self.report.total
+
+    def run(self, target: CopyTarget, keep: list[tuple[int, int]] | None = None) -> CopyResult:
+        """Copy into ``target`` (only within ``keep``'s ranges when given); a target error
+        that stopped the copy is raised."""
+        st = self.settings
+        if self.watcher is not None:
+            target = TeeTarget(target, self.watcher)
+        out = CopyResult()
+        several = len(self.windows) > 1
+        for i, (w, n) in enumerate(self.windows):
+            source = self.first if i == 0 else self._source(w, n)
+            progress: Callable[[int, int], None] = self.report
+            if several:
+                progress = self._window_progress(out.done, self.report.total, source)
+            job = CopyJob(source, target, workers=st.workers, max_inflight=st.max_inflight,
+                          min_sparse=st.min_sparse, rate_limit=st.rate_limit,
+                          retries=st.retries, backoff=st.backoff, progress=progress)
+            bitmap = job.bitmap
+            end = self.img.size if n is None else w + n
+            bitmap.clear(0, w)
+            bitmap.clear(end, self.img.size - end)
+            if self.pending is not None:
+                _clear_outside(bitmap, self.pending.iter_runs(), w, end)
+            if keep is not None:
+                _clear_outside(bitmap, iter(keep), w, end)
+            result = job.run()
+            _add_result(out, result)
+            if result.stopped is not None:
+                raise result.stopped
+        return out
+
+    def _window_progress(self, done_before: int, total_before: int, source: ReadSource
+                         ) -> Callable[[int, int], None]:
+        """Progress of one window's job, after the windows before it (the first total
+        counted every window's data; a window's retries add to it)."""
+        def report(done: int, total: int) -> None:
+            self.report(done_before + done, total_before + max(0, total - source.total))
+        return report
+
+
+def _clear_outside(bitmap: CopyBitmap, ranges: Iterator[tuple[int, int]], start: int,
+                   end: int) -> None:
+    """Clear the bits of ``[start, end)`` that none of the (sorted) ``ranges`` covers."""
+    pos = start
+    for a, n in ranges:
+        if a + n <= pos:
+            continue
+        if a >= end:
+            break
+        if a > pos:
+            bitmap.clear(pos, a - pos)
+        pos = max(pos, a + n)
+    if end > pos:
+        bitmap.clear(pos, end - pos)
+
+
+def _add_result(out: CopyResult, r: CopyResult) -> None:
+    for name in ("total", "done", "copied", "written", "reads", "read_bytes", "retries",
+                 "discarded"):
+        setattr(out, name, getattr(out, name) + getattr(r, name))
+    out.peak_inflight = max(out.peak_inflight, r.peak_inflight)
+    out.failed += r.failed
+    out.stopped = out.stopped or r.stopped
+
+
 def convert_to_raw(img: Image, dst: str | os.PathLike[str], *,
                    progress: Callable[[int], None] | None = None,
                    order: str = "host", memory: int = DEFAULT_MEMORY,
@@ -70,7 +197,9 @@ def convert_to_raw(img: Image, dst: str | os.PathLike[str], *,
                    min_sparse: int = DEFAULT_MIN_SPARSE, rate_limit: int | None = None,
                    retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
                    fsync: bool = False, existing: bool = False,
-                   on_total: Callable[[int], None] | None = None) -> CopyResult:
+                   on_total: Callable[[int], None] | None = None,
+                   pending: CopyBitmap | None = None, watcher: CopyTarget | None = None,
+                   window: int | None = None) -> CopyResult:
     """Write ``img``'s guest content to ``dst`` as a sparse raw file; returns the job's result.
 
     ``order="host"`` (the default) reads the stored data in host-offset
@@ -102,24 +231,23 @@ def convert_to_raw(img: Image, dst: str | os.PathLike[str], *,
     that hold data (what will be read), and again if retries add to it;
     ``progress`` then with the guest bytes of data read and written since its
     last call (ranges that read as zeros are not read, and not counted).
+
+    ``pending``, ``watcher`` and ``window`` are for backups (:mod:`qcow2kit.backup`):
+    copy (and read) only the set bits of a copy bitmap, show the guest content to a
+    second target on the way (a block hasher), copy the disk a window of guest bytes
+    at a time (see :class:`_Copy`).
     """
     avoid = source_files(img)          # the whole chain opens, or we stop here
-    source = read_source(img, order, memory=memory, max_chunk=max_chunk)
-    # Plans (host order: every L2 table of the chain read and checked before the
-    # first read) before the target is touched: a corrupt table stops us here.
-    total = source.start(want_total=on_total is not None or order == "guest")
-    report = _Progress(total, progress, on_total)
+    settings = CopySettings(order, memory, workers, max_chunk, max_inflight, min_sparse,
+                            rate_limit, retries, backoff)
+    copy = _Copy(img, settings, pending=pending, window=window, watcher=watcher,
+                 progress=progress, on_total=on_total)
     with open_raw_target(dst, img.size, avoid, existing=existing) as fd_target:
         if on_total is not None:
-            on_total(total)
+            on_total(copy.total)
         target = RawFileTarget(fd_target.fd, fd_target.path, img.size,
                                zero_initialized=not existing)
-        job = CopyJob(source, target, workers=workers, max_inflight=max_inflight,
-                      min_sparse=min_sparse, rate_limit=rate_limit, retries=retries,
-                      backoff=backoff, progress=report)
-        result = job.run()
-        if result.stopped is not None:
-            raise result.stopped
+        result = copy.run(target)
         if fsync:
             target.flush()
     if result.failed:
@@ -137,7 +265,9 @@ def convert_to_qcow2(img: Image, dst: str | os.PathLike[str], *,
                      min_sparse: int = DEFAULT_MIN_SPARSE, rate_limit: int | None = None,
                      retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
                      fsync: bool = False, existing: bool = False,
-                     on_total: Callable[[int], None] | None = None) -> CopyResult:
+                     on_total: Callable[[int], None] | None = None,
+                     pending: CopyBitmap | None = None, watcher: CopyTarget | None = None,
+                     window: int | None = None) -> CopyResult:
     """Write ``img``'s guest content to a new qcow2 image ``dst``; returns the job's result.
 
     ``options`` are qemu-img's ``-o`` strings for the new image (``cluster_size=...``,
@@ -156,12 +286,18 @@ def convert_to_qcow2(img: Image, dst: str | os.PathLike[str], *,
     not be any file the source reads, nor in use by QEMU; a file this call created
     is removed again when it fails.  After failed source ranges (kept as zeros) the
     image is completed and :class:`qcow2kit.errors.CopyIncompleteError` raised.
+
+    With ``pending`` and ``backing_file`` (an incremental backup), the image holds
+    exactly the pending ranges (whole clusters of ``dst``): their data, and zero
+    clusters where they read as zeros, so the backing file shows through everywhere
+    else and nowhere there.
     """
     dst = os.fspath(dst)
     avoid = source_files(img)
-    source = read_source(img, order, memory=memory, max_chunk=max_chunk)
-    total = source.start(want_total=on_total is not None or order == "guest")
-    report = _Progress(total, progress, on_total)
+    settings = CopySettings(order, memory, workers, max_chunk, max_inflight, min_sparse,
+                            rate_limit, retries, backoff)
+    copy = _Copy(img, settings, pending=pending, window=window, watcher=watcher,
+                 progress=progress, on_total=on_total)
     before = check_new_target(dst, avoid)
     if existing:
         if before is None:
@@ -183,29 +319,22 @@ def convert_to_qcow2(img: Image, dst: str | os.PathLike[str], *,
         zeros = ("hide" if backing_file is not None or (existing and builder.options.backing_file)
                  else "zero" if existing else "none")
         target = Qcow2Target(builder, compress=compress, zeros=zeros)
-        job = CopyJob(source, target, workers=workers, max_inflight=max_inflight,
-                      min_sparse=min_sparse, rate_limit=rate_limit, retries=retries,
-                      backoff=backoff, progress=report)
-        unit = max(job.bitmap.granularity, builder.cluster_size)
-        if backing_file is not None:
+        unit = max(job_granularity(img, max_chunk), builder.cluster_size)
+        keep: list[tuple[int, int]] | None = None
+        if pending is not None:
+            keep = list(merge_spans((a // unit * unit, min(-(-(a + n) // unit) * unit, img.size))
+                                    for a, n in pending.iter_runs()))
+        elif backing_file is not None:
             keep = list(_own_ranges(img, unit, backing_size, memory))
-            pos = 0
-            for a, n in keep + [(img.size, 0)]:
-                if a > pos:
-                    job.bitmap.clear(pos, a - pos)
-                pos = a + n
-        else:
-            keep = [(0, img.size)]
         if not compress:
             if min_sparse == 0:
-                reserve_data(builder, keep)
+                reserve_data(builder, keep if keep is not None else [(0, img.size)])
             else:
-                reserve_data(builder, _intersect(_data_ranges(img, memory), keep))
+                data = _data_ranges(img, memory)
+                reserve_data(builder, data if keep is None else _intersect(data, keep))
         if on_total is not None:
-            on_total(total)
-        result = job.run()
-        if result.stopped is not None:
-            raise result.stopped
+            on_total(copy.total)
+        result = copy.run(target, keep)
         target.finish()
     except BaseException:
         builder.close()

@@ -102,6 +102,11 @@ class BitmapNotFoundError(Qcow2Error, LookupError):
     """No persistent bitmap of that name (also a :class:`LookupError`)."""
 
 
+class BitmapUnusableError(Qcow2Error):
+    """A persistent bitmap cannot drive an incremental backup: missing, in use (left by a
+    crashed QEMU) or inconsistent; the message names it and says why."""
+
+
 class BackingChainError(Qcow2Error):
     """A backing file cannot be opened, the chain loops or is too deep."""
 

@@ -21,10 +21,10 @@ from .bitmap import CopyBitmap
 from .engine import (DEFAULT_MAX_INFLIGHT, DEFAULT_WORKERS, MAX_WORKERS, CopyJob, CopyResult,
                      FailedRange, RateLimit)
 from .sparse import DEFAULT_MIN_SPARSE, MAX_MIN_SPARSE
-from .target import CopyTarget, RawFileTarget
+from .target import CopyTarget, RawFileTarget, TeeTarget
 from .tasks import DEFAULT_CHUNK, GuestOrderReads, HostOrderReads, ReadSource, read_source
 
 __all__ = ["CopyBitmap", "CopyJob", "CopyResult", "CopyTarget", "FailedRange", "GuestOrderReads",
-           "HostOrderReads", "RateLimit", "RawFileTarget", "ReadSource", "read_source",
+           "HostOrderReads", "RateLimit", "RawFileTarget", "ReadSource", "TeeTarget", "read_source",
            "DEFAULT_CHUNK", "DEFAULT_MAX_INFLIGHT", "DEFAULT_MIN_SPARSE", "DEFAULT_WORKERS",
            "MAX_MIN_SPARSE", "MAX_WORKERS"]

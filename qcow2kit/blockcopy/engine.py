@@ -72,6 +72,7 @@ class CopyResult:
     copied: int = 0           # guest bytes of data copied (read, and written or found zero)
     written: int = 0          # bytes written to the target as data
     reads: int = 0            # reads issued to the source (attempts)
+    read_bytes: int = 0       # bytes those reads returned (the I/O count tests assert on)
     retries: int = 0
     discarded: int = 0
     peak_inflight: int = 0    # the most buffer bytes in flight at once
@@ -413,6 +414,7 @@ class CopyJob:
             delay = self.rate.reserve(read.cost)
             if delay > 0:
                 self._wake.wait(delay)
+        data = None
         try:
             data = read.fetch()
         except BaseException as exc:
@@ -422,6 +424,8 @@ class CopyJob:
         finally:
             with self._cond:
                 self.result.reads += 1
+                if data is not None:
+                    self.result.read_bytes += len(data)
         writes, zeros = split_segments(data, task.segments, self.sparse)
         if self.target.zero_initialized:
             zeros = []

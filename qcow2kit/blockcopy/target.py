@@ -124,3 +124,37 @@ class RawFileTarget(CopyTarget):
             os.fsync(self.fd)
         except OSError as exc:
             raise io_error(exc, self.path, "flush", None) from exc
+
+
+class TeeTarget(CopyTarget):
+    """``target``, with ``watcher`` shown the whole guest content on the way (a block hasher
+    computing a checksum during the copy: no second read).
+
+    The watcher hears of every range, zeros included, so the engine sends zeros here
+    (``zero_initialized`` is false); ``target`` receives them only when it needs them
+    (it is not zero-initialized, or ``allocate`` stores them), as without the watcher.
+    """
+
+    def __init__(self, target: CopyTarget, watcher: CopyTarget) -> None:
+        self.target = target
+        self.watcher = watcher
+        self.size = target.size
+        self.zero_initialized = False
+        self.threadsafe = target.threadsafe and watcher.threadsafe
+        self.sparse_block = target.sparse_block
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self.target.write(offset, data)
+        self.watcher.write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int, *, allocate: bool = False) -> None:
+        if allocate or not self.target.zero_initialized:
+            self.target.write_zeroes(offset, length, allocate=allocate)
+        self.watcher.write_zeroes(offset, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.target.discard(offset, length)
+        self.watcher.discard(offset, length)
+
+    def flush(self) -> None:
+        self.target.flush()

@@ -27,8 +27,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..hostorder import (GuestOrderPlan, HostOrderPlan, ReadSpec, read_spec, read_spec_into,
-                         read_specs, spec_pieces)
+from ..hostorder import (GuestOrderPlan, GuestRanges, HostOrderPlan, ReadSpec, read_spec,
+                         read_spec_into, read_specs, spec_pieces)
 from ..image import Image
 from ..mapping import DEFAULT_MEMORY, FLAG_DATA, FLAG_ZERO, check_memory, resolved_batches
 from .bitmap import CopyBitmap
@@ -145,7 +145,7 @@ class ReadSource:
 
     def __init__(self, img: Image, *, memory: int = DEFAULT_MEMORY,
                  max_chunk: int = DEFAULT_CHUNK, start: int = 0,
-                 length: int | None = None) -> None:
+                 length: int | None = None, only: GuestRanges | None = None) -> None:
         check_memory(memory)
         if max_chunk < 4096 or max_chunk & (max_chunk - 1):
             raise ValueError(f"max_chunk must be a power of two of at least 4096, not {max_chunk}")
@@ -155,6 +155,8 @@ class ReadSource:
         #: the guest range whose data is read (the whole image by default)
         self.range_start = start
         self.range_length = length
+        #: the guest ranges whose data is read (a copy bitmap: what is pending), None: all
+        self.only = only
         self.total = 0
         self.started = False
 
@@ -166,7 +168,12 @@ class ReadSource:
         raise NotImplementedError
 
     def data_bytes(self) -> int:
-        """Guest bytes that hold data, through the whole chain (one scan of the tables)."""
+        """Guest bytes that hold data, through the whole chain (one scan of the tables); with
+        ``only``, the data in those ranges of the source's guest range."""
+        if self.only is not None:
+            plan = HostOrderPlan(self.img, self.range_start, self.range_length,
+                                 memory=self.memory, only=self.only)
+            return sum(int(runs["length"].sum()) for runs in plan.data_runs())
         total = 0
         for runs in resolved_batches(self.img, memory=self.memory):
             f = runs["flags"]
@@ -183,7 +190,8 @@ class HostOrderReads(ReadSource):
     def start(self, want_total: bool = True) -> int:
         self.started = True
         self.plan = HostOrderPlan(self.img, self.range_start, self.range_length,
-                                  memory=self.memory, max_request=self.max_chunk)
+                                  memory=self.memory, max_request=self.max_chunk,
+                                  only=self.only)
         specs = read_specs(self.plan)
         # The first read of a merged plan comes only after every L2 table of the
         # chain has been read and validated: a corrupt table stops us here.
@@ -231,7 +239,8 @@ class GuestOrderReads(HostOrderReads):
     def start(self, want_total: bool = True) -> int:
         self.started = True
         self.plan = GuestOrderPlan(self.img, self.range_start, self.range_length,
-                                   memory=self.memory, max_request=self.max_chunk)
+                                   memory=self.memory, max_request=self.max_chunk,
+                                   only=self.only)
         self.total = self.data_bytes()     # validates every table on the way
         self._specs = read_specs(self.plan)
         return self.total
@@ -276,11 +285,12 @@ class GuestOrderReads(HostOrderReads):
 
 def read_source(img: Image, order: str = "host", *, memory: int = DEFAULT_MEMORY,
                 max_chunk: int = DEFAULT_CHUNK, start: int = 0,
-                length: int | None = None) -> ReadSource:
+                length: int | None = None, only: GuestRanges | None = None) -> ReadSource:
     """The reads of ``img`` in ``order`` ("host" or "guest"); ``start``/``length`` restrict
-    them to a guest range."""
+    them to a guest range, ``only`` to the set bits of a copy bitmap (nothing else is
+    read: the reads are planned from the data inside those ranges)."""
     classes: dict[str, type[ReadSource]] = {"host": HostOrderReads, "guest": GuestOrderReads}
     if order in classes:
         return classes[order](img, memory=memory, max_chunk=max_chunk, start=start,
-                              length=length)
+                              length=length, only=only)
     raise ValueError(f"order must be 'host' or 'guest', not {order!r}")

@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 
 from .. import __version__
 from ..errors import Qcow2Error
-from . import (bench_cmd, bitmap_cmd, checksum_cmd, convert_cmd, create_cmd, demo_cmd, info_cmd,
-               map_cmd, rmap_cmd)
+from . import (backup_cmd, bench_cmd, bitmap_cmd, checksum_cmd, convert_cmd, create_cmd, demo_cmd,
+               info_cmd, map_cmd, rmap_cmd)
 from .args import (EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM, add_common_options, CommandError,
                    help_formatter, OptionError, Parser, Terminated, UsageError)
 from .args import run_showing_warnings
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_cmd.add_parser(sub)
     bitmap_cmd.add_parser(sub)
     checksum_cmd.add_parser(sub)
+    backup_cmd.add_parser(sub)
     bench_cmd.add_parser(sub)
     rmap_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)

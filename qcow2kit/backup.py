@@ -1,0 +1,307 @@
+"""Full and incremental backups of a qcow2 image, offline, on the block-copy engine.
+
+- full: the guest content as a new qcow2 image (or a raw file), exactly what
+  :func:`qcow2kit.convert.convert_to_qcow2` / :func:`~qcow2kit.convert.convert_to_raw`
+  write: read in host order, written unfragmented (clusters reserved in guest order);
+- incremental: a new qcow2 overlay whose backing file is the previous backup and which
+  holds exactly the clusters a persistent dirty bitmap of the source marks (its ranges
+  rounded out to the overlay's clusters, the overlay's cluster size being the
+  source's): their data, and zero clusters where they read as zeros, so that the
+  previous backup shows through everywhere else and nowhere there.  Only those ranges
+  are read (the host-order plan is made from the data inside them), in host order.
+
+:func:`plan_backup` checks everything first (the bitmap, the base, the target) and
+says which kind of backup runs, and why a ``sync="auto"`` request fell back to a full
+one; :func:`run_backup` then copies, :func:`backup` does both.  The copy itself is one
+call, given the copy bitmap of what is to be copied (:attr:`BackupPlan.pending`, None
+for everything): a resumed backup passes what is still pending.
+
+A bitmap can drive an incremental backup only when it records every write since the
+previous backup: one marked in use (QEMU sets the flag while it has the image open and
+clears it when it stores the bitmap on close, so a QEMU that crashed, or a VM still
+running, leaves it set) may have missed writes, and is refused, as one whose table is
+inconsistent or that does not exist (:class:`~qcow2kit.errors.BitmapUnusableError`).
+Whether the bitmap really started when the base was taken cannot be checked here: that
+is the caller's contract (libvirt's checkpoints keep it).
+
+``checksum``: ovirt-imageio's block checksum of the source's guest content
+(:mod:`qcow2kit.checksum`), computed from the bytes the copy reads, with no second
+read, and written beside the target as ``TARGET.checksum`` (the JSON of
+``qcow2kit checksum``).  Only a full backup sees the whole content; an incremental one
+reads the dirty clusters only, so it refuses ``checksum`` (checksum the chain with
+``qcow2kit checksum`` instead).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import spec
+from .blockcopy import DEFAULT_WORKERS, CopyBitmap, CopyResult, CopyTarget
+from .checksum import DEFAULT_WINDOW, block_hasher, hasher_checksum
+from .convert import convert_to_qcow2, convert_to_raw
+from .createopts import CreateError, backing_virtual_size
+from .errors import (BitmapNotFoundError, BitmapUnusableError, CorruptImageError, Qcow2Error,
+                     TargetError)
+from .image import Image
+from .mapping import DEFAULT_MEMORY
+from .target import check_new_target, remove_created, source_files
+
+SYNC_MODES = ("full", "incremental", "auto")
+FORMATS = ("qcow2", "raw")
+CHECKSUM_SUFFIX = ".checksum"
+
+
+@dataclass
+class BackupPlan:
+    """What :func:`run_backup` will do, every input checked.
+
+    ``mode`` is "full" or "incremental"; ``fallback`` says why ``sync="auto"`` chose a
+    full backup (None otherwise); for an incremental backup ``pending`` is the copy
+    bitmap of the clusters to copy (one bit per overlay cluster), ``base`` the previous
+    backup, ``backing_file`` its name as the overlay stores it (relative to the
+    target's directory) and ``backing_fmt`` its format.
+    """
+
+    mode: str
+    target: str
+    fmt: str
+    bitmap: str | None = None
+    fallback: str | None = None
+    pending: CopyBitmap | None = None
+    base: str | None = None
+    backing_file: str | None = None
+    backing_fmt: str | None = None
+    cluster_size: int = 0
+    checksum_path: str | None = None
+
+    @property
+    def dirty_bytes(self) -> int:
+        """Guest bytes an incremental backup copies (whole overlay clusters); 0 for full."""
+        return self.pending.count() if self.pending is not None else 0
+
+
+@dataclass
+class BackupResult:
+    """What a backup did: the plan it ran, the copy's figures (``copy.read_bytes``: the
+    bytes read from the source), and the checksum written, if any."""
+
+    plan: BackupPlan
+    copy: CopyResult
+    checksum: dict[str, object] | None = None
+    files: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- checks
+
+def bitmap_problem(img: Image, name: str) -> str | None:
+    """Why persistent bitmap ``name`` of ``img`` cannot drive an incremental backup, or
+    None when it can (its table is read and checked)."""
+    try:
+        dirty_bitmap(img, name, img.cluster_size)
+    except BitmapUnusableError as exc:
+        return str(exc)
+    return None
+
+
+def dirty_bitmap(img: Image, name: str, unit: int) -> CopyBitmap:
+    """The copy bitmap of an incremental backup from bitmap ``name``: one bit per ``unit``
+    bytes (the overlay's cluster), set where the bitmap marks any byte dirty.
+
+    Raises :class:`BitmapUnusableError`, naming the bitmap and why, when it is missing,
+    in use, not a dirty-tracking bitmap, or its table is inconsistent.
+    """
+    where = f"{img.filename}: bitmap '{name}'"
+    try:
+        bm = img.bitmap(name)
+    except BitmapNotFoundError:
+        have = ", ".join(f"'{b.name}'" for b in img.bitmaps)
+        raise BitmapUnusableError(f"{where} not found (the image has "
+                                  f"{'bitmaps ' + have if have else 'no persistent bitmaps'})",
+                                  path=img.filename) from None
+    if bm.in_use:
+        raise BitmapUnusableError(
+            f"{where} is marked in use: a QEMU process has the image open, or one crashed "
+            f"with it open, so the bitmap may have missed writes and cannot drive an "
+            f"incremental backup (take a full backup and start a new bitmap)",
+            path=img.filename)
+    if bm.type != spec.BME_TYPE_DIRTY_TRACKING:
+        raise BitmapUnusableError(f"{where} is inconsistent: type {bm.type} is not a "
+                                  f"dirty-tracking bitmap", path=img.filename)
+    if bm.extra_data and not bm.flags & spec.BME_FLAG_EXTRA_DATA_COMPATIBLE:
+        raise BitmapUnusableError(f"{where} is inconsistent: it has extra data QEMU does not "
+                                  f"understand", path=img.filename)
+    pending = CopyBitmap(img.size, unit, fill=False)
+    try:
+        for a, n in img.dirty_ranges(name):
+            pending.set(a, n)
+    except CorruptImageError as exc:
+        raise BitmapUnusableError(f"{where} is inconsistent: {exc}",
+                                  path=img.filename) from None
+    return pending
+
+
+def _check_base(img: Image, base: str, target: str) -> tuple[str, str]:
+    """The previous backup ``base``: (its format, its name relative to ``target``'s
+    directory); refused (:class:`TargetError`) when it is missing, unreadable, a file of
+    the source's chain, or not the source's size."""
+    avoid = source_files(img)
+    try:
+        st = os.stat(base)
+    except OSError as exc:
+        raise TargetError(f"{base}: cannot use it as the base of an incremental backup: "
+                          f"{exc.strerror or exc}", path=base) from None
+    if (st.st_dev, st.st_ino) in avoid:
+        raise TargetError(f"{base}: cannot use it as the base of an incremental backup: it is "
+                          f"{avoid[(st.st_dev, st.st_ino)]}", path=base)
+    try:
+        size, fmt = backing_virtual_size(base, "")
+    except (CreateError, Qcow2Error, OSError) as exc:
+        raise TargetError(f"{base}: cannot use it as the base of an incremental backup: "
+                          f"{exc}", path=base) from None
+    if size != img.size:
+        raise TargetError(f"{base}: cannot use it as the base of an incremental backup: its "
+                          f"size {size} is not the source's {img.size}", path=base)
+    rel = os.path.relpath(os.path.abspath(base), os.path.dirname(os.path.abspath(target)))
+    return fmt, rel
+
+
+def plan_backup(img: Image, target: str | os.PathLike[str], *, sync: str = "full",
+                bitmap: str | None = None, base: str | os.PathLike[str] | None = None,
+                fmt: str = "qcow2", checksum: bool = False) -> BackupPlan:
+    """Check a backup of ``img`` to ``target`` before anything is written, and choose it.
+
+    ``sync="incremental"`` needs ``bitmap`` and ``base`` and a qcow2 target, and raises
+    (:class:`BitmapUnusableError`, :class:`TargetError`) when one is not usable;
+    ``sync="auto"`` runs an incremental backup when it can and a full one otherwise,
+    saying why in :attr:`BackupPlan.fallback`; ``sync="full"`` takes neither.  The
+    target (and ``TARGET.checksum`` with ``checksum``) may not exist yet, nor be any
+    file of the source's chain or the base.
+    """
+    target = os.fspath(target)
+    base = None if base is None else os.fspath(base)
+    if sync not in SYNC_MODES:
+        raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)}, not {sync!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be qcow2 or raw, not {fmt!r}")
+    if sync == "full" and (bitmap is not None or base is not None):
+        raise ValueError("a full backup takes no bitmap and no base (they are for "
+                         "--sync incremental or auto)")
+    avoid = source_files(img)             # the whole chain opens, or we stop here
+    if check_new_target(target, avoid) is not None:
+        raise TargetError(f"{target}: cannot write the backup: the file exists (a backup "
+                          f"never overwrites one)", path=target)
+    plan = BackupPlan(mode="full", target=target, fmt=fmt, bitmap=bitmap,
+                      cluster_size=img.cluster_size)
+    if checksum:
+        plan.checksum_path = target + CHECKSUM_SUFFIX
+        if os.path.lexists(plan.checksum_path):
+            raise TargetError(f"{plan.checksum_path}: cannot write the checksum: the file "
+                              f"exists", path=plan.checksum_path)
+    if sync == "full":
+        return plan
+    try:
+        if bitmap is None or base is None:
+            missing = [flag for flag, value in (("--bitmap", bitmap), ("--base", base))
+                       if value is None]
+            raise ValueError(f"an incremental backup needs {' and '.join(missing)}")
+        if fmt != "qcow2":
+            raise ValueError("an incremental backup is a qcow2 overlay (-O qcow2), not raw")
+        plan.pending = dirty_bitmap(img, bitmap, img.cluster_size)
+        plan.backing_fmt, plan.backing_file = _check_base(img, base, target)
+        if os.path.abspath(base) == os.path.abspath(target):
+            raise TargetError(f"{target}: the target cannot be its own base", path=target)
+    except (ValueError, BitmapUnusableError, TargetError) as exc:
+        if sync == "incremental":
+            raise
+        plan.pending = plan.backing_file = plan.backing_fmt = None
+        plan.fallback = str(exc)
+        return plan
+    if checksum:
+        msg = ("--checksum needs the whole guest content, and an incremental backup reads "
+               "only the dirty clusters: checksum the chain with `qcow2kit checksum "
+               f"{target}` afterwards, or take a full backup")
+        if sync == "incremental":
+            raise ValueError(msg)
+        plan.pending = plan.backing_file = plan.backing_fmt = None
+        plan.fallback = msg
+        return plan
+    plan.mode = "incremental"
+    plan.base = base
+    return plan
+
+
+# ---------------------------------------------------------------------------- the copy
+
+def run_backup(img: Image, plan: BackupPlan, *, pending: CopyBitmap | None = None,
+               checksum_window: int = DEFAULT_WINDOW, order: str = "host",
+               memory: int = DEFAULT_MEMORY, workers: int = DEFAULT_WORKERS,
+               fsync: bool = True, progress: Callable[[int], None] | None = None,
+               on_total: Callable[[int], None] | None = None) -> BackupResult:
+    """Copy as ``plan`` says (:func:`plan_backup`); returns what was done.
+
+    ``pending`` replaces the plan's copy bitmap (what is still to copy: a resumed
+    backup's); for a full backup it may restrict the copy too.  With a checksum planned,
+    the guest disk is copied a window of ``checksum_window`` bytes at a time (each read
+    in host order), so the blocks being hashed stay within about a window of memory.
+    ``fsync`` (the default) makes the target durable before returning.  On any failure
+    the files this call created are removed.
+    """
+    if pending is None:
+        pending = plan.pending
+    hasher: CopyTarget | None = block_hasher(img.size) if plan.checksum_path else None
+    window = checksum_window if hasher is not None else None
+    if plan.fmt == "raw":
+        copy = convert_to_raw(img, plan.target, pending=pending, watcher=hasher, window=window,
+                              order=order, memory=memory, workers=workers, fsync=fsync,
+                              progress=progress, on_total=on_total)
+    else:
+        copy = convert_to_qcow2(img, plan.target, options=[f"cluster_size={plan.cluster_size}"],
+                                backing_file=plan.backing_file, backing_fmt=plan.backing_fmt,
+                                pending=pending, watcher=hasher, window=window, order=order,
+                                memory=memory, workers=workers, fsync=fsync,
+                                progress=progress, on_total=on_total)
+    # (convert_* remove the target they created when they fail)
+    result = BackupResult(plan, copy, files=[plan.target])
+    if hasher is not None and plan.checksum_path is not None:
+        try:
+            result.checksum = hasher_checksum(hasher)
+            _write_new(plan.checksum_path, json.dumps(result.checksum) + "\n", fsync)
+        except BaseException:
+            remove_created(plan.target, None)       # created by this run: no half backup
+            raise
+        result.files.append(plan.checksum_path)
+    return result
+
+
+def _write_new(path: str, text: str, fsync: bool) -> None:
+    """Create ``path`` (it must not exist) holding ``text``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                 0o644)
+    try:
+        try:
+            os.write(fd, text.encode())
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        remove_created(path, None)
+        raise
+
+
+def backup(img: Image, target: str | os.PathLike[str], *, sync: str = "full",
+           bitmap: str | None = None, base: str | os.PathLike[str] | None = None,
+           fmt: str = "qcow2", checksum: bool = False, order: str = "host",
+           memory: int = DEFAULT_MEMORY, workers: int = DEFAULT_WORKERS, fsync: bool = True,
+           progress: Callable[[int], None] | None = None,
+           on_total: Callable[[int], None] | None = None) -> BackupResult:
+    """:func:`plan_backup`, then :func:`run_backup`: a full or incremental backup of ``img``
+    to ``target`` (see the module docstring)."""
+    plan = plan_backup(img, target, sync=sync, bitmap=bitmap, base=base, fmt=fmt,
+                       checksum=checksum)
+    return run_backup(img, plan, order=order, memory=memory, workers=workers, fsync=fsync,
+                      progress=progress, on_total=on_total)
