@@ -145,8 +145,7 @@ class InplaceEditor:
         if h.corrupt:
             raise UnsupportedFeatureError(
                 f"Could not open '{self.path}': qcow2: Image is corrupt; cannot be opened "
-                f"read/write", field="incompatible_features",
-                offset=H.field_offset("incompatible_features"), path=self.path)
+                f"read/write", path=self.path)
         if h.dirty:
             raise UnsupportedFeatureError(
                 f"{self.path}: the image is dirty (not closed cleanly with lazy refcounts); "
@@ -341,8 +340,11 @@ class InplaceEditor:
         updated: dict[int, np.ndarray] = {}
         for i, spans in sorted(by_block.items()):      # all checked before anything is written
             counts = self._counts(i)
+            if counts is None:
+                raise CorruptImageError(f"freeing clusters of refcount block {i}, which does "
+                                        f"not exist", path=self.path)
             for a, b in spans:
-                if counts is None or not counts[a:b].all():
+                if not counts[a:b].all():
                     raise CorruptImageError(f"freeing clusters [{i * per + a}, {i * per + b})"
                                             f" of which some have refcount 0", path=self.path)
                 counts[a:b] -= np.uint64(1)
