@@ -27,7 +27,8 @@ import numpy as np
 from . import spec
 from . import tables as T
 from .boolruns import true_runs
-from .errors import CorruptImageError, ImageOpenError, Qcow2Error, UnsupportedFeatureError
+from .errors import (CorruptImageError, ImageNotFoundError, ImageOpenError, Qcow2Error,
+                     UnsupportedFeatureError)
 from .image import Image
 from .image.header import Header, HeaderExtensionRecord
 from .layout import header as H
@@ -103,8 +104,9 @@ def _refuse_if_in_use(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise ImageOpenError(f"Could not open '{path}': Could not open '{path}': "
-                             f"{exc.strerror}", exc.errno or 0, path, path=path) from exc
+        cls = ImageNotFoundError if isinstance(exc, FileNotFoundError) else ImageOpenError
+        raise cls(f"Could not open '{path}': Could not open '{path}': {exc.strerror}",
+                  exc.errno or 0, path, path=path) from exc
     try:
         reason = first_conflict(fd, HELD_BY_WRITER, REFUSED_BY_WRITER)
     except OSError:

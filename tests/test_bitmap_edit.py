@@ -332,9 +332,9 @@ def _run_until_stopped(stop_at: int, cwd: Path, *args: str) -> bool:
 
 CRASH_OPS = [
     ("first add", [], ["--add"], "a"),
+    ("first add, backing file", [], ["--add"], "a"),  # the backing file name moves first
     ("add", [("a", [])], ["--add", "-g", "4k"], "b"),
     ("merge", [("a", []), ("b", ["-g", "4k", "--disable"])], ["--merge", "a"], "b"),
-    ("clear", [("a", [])], ["--clear"], "a"),
     ("remove one", [("a", []), ("b", [])], ["--remove"], "a"),
     ("remove the last", [("a", [])], ["--remove"], "a"),
 ]
@@ -342,7 +342,11 @@ CRASH_OPS = [
 
 @pytest.mark.parametrize("what,setup,args,name", CRASH_OPS, ids=[c[0] for c in CRASH_OPS])
 def test_sigkill_after_every_step(tmp_path, what, setup, args, name):
-    pristine = _create(tmp_path / "pristine.qcow2", opts="cluster_size=4k")
+    opts = "cluster_size=4k"
+    if "backing" in what:
+        _create(tmp_path / "base.qcow2")
+        opts += ",backing_file=base.qcow2,backing_fmt=qcow2"
+    pristine = _create(tmp_path / "pristine.qcow2", opts=opts)
     for bname, extra in setup:
         qemu_img("bitmap", "--add", *extra, str(pristine), bname)
     _write(pristine, "write 0 64k", "write 3M 20k")
@@ -364,9 +368,16 @@ def test_sigkill_after_every_step(tmp_path, what, setup, args, name):
         if not stopped:
             assert rc == 0 and got == after
             break
+        # and QEMU can go on using it: a guest write, then check again
+        _write(img, "write -P 9 8M 4k")
+        rc, out = qemu_img_check(img)
+        assert rc in (0, 3) and not out.get("corruptions"), (what, n, out)
+        assert qemu_img_info(img)["format-specific"]["data"]["corrupt"] is False
     else:
         raise AssertionError("never finished")
     assert n >= 3 and states["after"] >= 1
+    assert _state(img) == after and qemu_img_info(img).get("backing-filename") == \
+        qemu_img_info(pristine).get("backing-filename")
     assert states["before"] >= (0 if what == "remove the last" else 1)   # its first step switches
 
 
