@@ -260,7 +260,7 @@ class InplaceEditor:
 
     def allocate(self, n: int) -> int:
         """Refcount ``n`` contiguous new clusters (synced, one step) and return the byte
-        offset of the first; the clusters read as zeros."""
+        offset of the first.  They may hold a freed cluster's old bytes: write them whole."""
         self.require_v3()
         if n <= 0:
             raise ValueError("allocate at least one cluster")

@@ -191,11 +191,13 @@ def test_merge_from_another_file(tmp_path):
 # --------------------------------------------------------------------------- errors
 
 def _words(stderr: str) -> str:
-    """A message without the program name, and with QEMU's node names as file names."""
+    """A message without the program name, with QEMU's node names (ours: the file name) as
+    NODE and the twin images' names as IMG."""
     s = stderr.replace("qemu-img: ", "").replace("qcow2kit: ", "")
-    return re.sub(r"'#block\d+'", "'NODE'", s).replace("'ours.qcow2': ", "'NODE': ") \
-        .replace("'theirs.qcow2': ", "'NODE': ").replace("ours.qcow2", "IMG") \
-        .replace("theirs.qcow2", "IMG")
+    s = re.sub(r"WARNING: Image format was not specified.*\n(?: {9}.*\n)*", "", s)  # probing raw
+    s = re.sub(r"persistent in '[^']*'", "persistent in NODE", s)
+    s = re.sub(r"persistent bitmaps to \S+:", "persistent bitmaps to NODE:", s)
+    return s.replace("ours.qcow2", "IMG").replace("theirs.qcow2", "IMG")
 
 
 ERROR_CASES = [
@@ -223,6 +225,12 @@ ERROR_CASES = [
     ["--add", "--add", "IMG", "n2"],                 # the first stays done
     ["--disable", "--add", "IMG", "n3"],             # disable first: not found
     ["--add", "nofile.qcow2", "b1"],
+    ["--merge", "b1", "-b", "nofile.qcow2", "IMG", "b1"],
+    ["--merge", "b1", "-b", "r.raw", "IMG", "b1"],
+    ["--merge", "b1", "-b", "r.raw", "-F", "qcow2", "IMG", "b1"],
+    ["--add", "-f", "raw", "IMG", "n"],
+    ["--clear", "-f", "raw", "IMG", "b1"],
+    ["--add", "r.raw", "n"],
     # the bitmap left in use by a killed QEMU
     ["--clear", "IMG", "used"],
     ["--enable", "IMG", "used"],
@@ -239,6 +247,7 @@ def _pair(tmp_path: Path) -> tuple[Path, Path]:
     qemu_img("bitmap", "--add", str(base), "b1")
     assert ("used", 65536, ["auto", "in-use"]) in _bitmaps(base)
     ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    (tmp_path / "r.raw").write_bytes(bytes(MiB))
     shutil.copyfile(base, ours)
     shutil.copyfile(base, theirs)
     return ours, theirs
