@@ -242,7 +242,9 @@ def _commit(ed: InplaceEditor, d: _Dir, old_dir: list[tuple[int, int]]) -> None:
     if need:
         ed.sync_step()                                   # the new state, not referenced yet
     _switch(ed, ext if d.entries else None)
-    ed.free(old_dir + d.frees)                           # the old state's clusters
+    # the old state's clusters, each once; a damaged old table (a bitmap left in use may
+    # hold anything) must not take references it does not own: those are left as leaks
+    ed.free(sorted(set(old_dir + d.frees)), lenient=True)
 
 
 def _switch(ed: InplaceEditor, ext: bytes | None) -> None:

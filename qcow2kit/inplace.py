@@ -322,31 +322,45 @@ class InplaceEditor:
         self._free_hint = end
         return start * cs
 
-    def free(self, ranges: "list[tuple[int, int]]") -> None:
+    def free(self, ranges: "list[tuple[int, int]]", *, lenient: bool = False) -> int:
         """Drop one reference from each cluster of ``ranges`` (``(byte offset, clusters)``
-        pairs), synced, one step.  Whatever referred to them must already be gone (synced)."""
+        pairs), synced, one step.  Whatever referred to them must already be gone (synced).
+
+        A cluster whose refcount is already 0 is an error, nothing written; with
+        ``lenient`` (old metadata that may be damaged) its range is skipped instead, left
+        to ``qemu-img check``.  Returns how many ranges were skipped."""
         self.require_v3()
         cs = self.cluster_size
         per = self.per_block
         order = self.header.refcount_order
         by_block: dict[int, list[tuple[int, int]]] = {}
+        skipped = 0
         for offset, n in ranges:
             if offset % cs or n <= 0:
+                if lenient:
+                    skipped += 1
+                    continue
                 raise ValueError(f"free: bad range {offset:#x} +{n} clusters")
             first = offset // cs
             for i in range(first // per, (first + n - 1) // per + 1):
                 a, b = max(first, i * per) - i * per, min(first + n, (i + 1) * per) - i * per
                 by_block.setdefault(i, []).append((a, b))
         if not by_block:
-            return
+            return skipped
         updated: dict[int, np.ndarray] = {}
         for i, spans in sorted(by_block.items()):      # all checked before anything is written
             counts = self._counts(i)
             if counts is None:
+                if lenient:
+                    skipped += len(spans)
+                    continue
                 raise CorruptImageError(f"freeing clusters of refcount block {i}, which does "
                                         f"not exist", path=self.path)
             for a, b in spans:
                 if not counts[a:b].all():
+                    if lenient:
+                        skipped += 1
+                        continue
                     raise CorruptImageError(f"freeing clusters [{i * per + a}, {i * per + b})"
                                             f" of which some have refcount 0", path=self.path)
                 counts[a:b] -= np.uint64(1)
@@ -355,6 +369,7 @@ class InplaceEditor:
             self.writer.pwrite(T.encode_refcount_block(counts, order), self._block_offset(i))
             self._free_hint = min(self._free_hint, i * per + min(a for a, _ in by_block[i]))
         self.sync_step()
+        return skipped
 
     # -- header --------------------------------------------------------------
 

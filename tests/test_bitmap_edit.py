@@ -444,3 +444,19 @@ def test_editor_refuses_dirty_and_corrupt_images(tmp_path):
     r = _ours(tmp_path, "--add", img2.name, "b")
     q = _theirs(tmp_path, "--add", img2.name, "b")
     assert (r.returncode, _words(r.stderr)) == (q.returncode, _words(q.stderr))
+
+
+def test_removing_a_bitmap_with_a_damaged_table_leaks_rather_than_corrupts(tmp_path):
+    img = _create(tmp_path / "d.qcow2", opts="cluster_size=4k")
+    add_bitmap(img, "b", granularity=512)
+    _write(img, "write 0 64k")                    # QEMU stores a data cluster for it
+    with Image.open(img) as i:
+        table = i.bitmap("b").bitmap_table_offset
+        size = i.src.size
+    with open(img, "r+b") as f:                   # entry 0 now points past the end
+        f.seek(table)
+        f.write((size + 64 * KiB).to_bytes(8, "big"))
+    remove_bitmap(img, "b")
+    assert _bitmaps(img) == []
+    rc, out = qemu_img_check(img)
+    assert rc == 3 and out["leaks"] == 1 and not out.get("corruptions"), out
