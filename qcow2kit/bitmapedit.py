@@ -26,7 +26,7 @@ import numpy as np
 from . import spec
 from .errors import BitmapNotFoundError, NotQcow2Error, Qcow2Error
 from .image import Image
-from .inplace import InplaceEditor
+from .inplace import InplaceEditor, check_extension_room
 from .layout import bitmaps as B
 from .layout import header as H
 
@@ -215,6 +215,9 @@ def _commit(ed: InplaceEditor, d: _Dir, old_dir: list[tuple[int, int]]) -> None:
         tclusters = -(-e.bitmap_table_size * 8 // cs)
         plans.append((i, chunks, nonzero, tclusters))
         need += tclusters + nonzero.shape[0]
+    if d.entries and ed.extension(spec.EXT_BITMAPS) is None:    # fail before writing
+        assert ed.image is not None
+        check_extension_room(ed.image, spec.EXT_BITMAPS, H.BitmapsExtension.sizeof())
     dir_bytes_len = len(B.encode_bitmap_directory(d.entries))
     dir_clusters = -(-dir_bytes_len // cs)
     need += dir_clusters

@@ -57,37 +57,49 @@ def extension_area(header: Header) -> tuple[int, int]:
     return off, off + len(END_ENTRY)
 
 
+def _extension_room(img: Image, ext_type: int, data_len: int) -> tuple[int, int | None]:
+    """Where a new extension goes (the end entry's offset) and where the backing file
+    name must move to make room (None: it stays); a Qcow2Error when cluster 0 is full."""
+    h = img.header
+    cs = img.cluster_size
+    end_entry, _ = extension_area(h)
+    entry_len = _FRAME + data_len + (-data_len % 8)
+    new_end = end_entry + entry_len + len(END_ENTRY)   # the extension + new end entry
+    target = None
+    if h.backing_file_offset and h.backing_file_offset < new_end:
+        target = (max(new_end, h.backing_file_offset + h.backing_file_size) + 7) // 8 * 8
+        if target + h.backing_file_size > cs:
+            raise Qcow2Error(f"no room in cluster 0 for header extension {ext_type:#010x}",
+                             field="backing_file_offset",
+                             offset=H.field_offset("backing_file_offset")).locate(img.filename)
+    elif not h.backing_file_offset and new_end > cs:
+        raise Qcow2Error(f"no room in cluster 0 for header extension {ext_type:#010x}",
+                         field="header extension", offset=end_entry).locate(img.filename)
+    return end_entry, target
+
+
+def check_extension_room(img: Image, ext_type: int, data_len: int) -> None:
+    """Raise the Qcow2Error :func:`publish_extension` would raise, before writing anything."""
+    _extension_room(img, ext_type, data_len)
+
+
 def publish_extension(w: ImageWriter, img: Image, ext_type: int, data: bytes) -> None:
     """Append a header extension: move the backing file name out of the way if needed
     (step), write the extension's data and a new end entry past the current end entry,
     then turn the current end entry into the new extension's frame with one aligned
     8-byte write (step).  Before that write the extension is invisible."""
-    h = img.header
-    cs = img.cluster_size
-    end_entry, _ = extension_area(h)
+    end_entry, target = _extension_room(img, ext_type, len(data))
     if w.pread(end_entry, len(END_ENTRY)) != END_ENTRY:
         raise Qcow2Error(f"no end-of-extensions entry at {end_entry:#x}; "
                          f"refusing to add an extension", field="header extension",
                          offset=end_entry).locate(img.filename)
     entry = H.encode_extension(ext_type, data)
-    new_end = end_entry + len(entry) + len(END_ENTRY)   # the extension + new end entry
-    if h.backing_file_offset:
-        name_start = h.backing_file_offset
-        name_len = h.backing_file_size
-        if name_start < new_end:
-            target = (max(new_end, name_start + name_len) + 7) // 8 * 8
-            if target + name_len > cs:
-                raise Qcow2Error(f"no room in cluster 0 for header extension {ext_type:#010x}",
-                                 field="backing_file_offset",
-                                 offset=H.field_offset("backing_file_offset")
-                                 ).locate(img.filename)
-            w.pwrite(w.pread(name_start, name_len), target)
-            w.sync()
-            set_header_field(w, "backing_file_offset", target)
-            w.sync()
-    elif new_end > cs:
-        raise Qcow2Error(f"no room in cluster 0 for header extension {ext_type:#010x}",
-                         field="header extension", offset=end_entry).locate(img.filename)
+    if target is not None:
+        h = img.header
+        w.pwrite(w.pread(h.backing_file_offset, h.backing_file_size), target)
+        w.sync()
+        set_header_field(w, "backing_file_offset", target)
+        w.sync()
     w.step()                                                   # backing name out of the way
     w.pwrite(entry[_FRAME:] + END_ENTRY, end_entry + _FRAME)
     w.sync()
@@ -424,5 +436,6 @@ class InplaceEditor:
         self.reload()
 
 
-__all__ = ["END_ENTRY", "InplaceEditor", "extension_area", "publish_extension",
+__all__ = ["END_ENTRY", "InplaceEditor", "check_extension_room", "extension_area",
+           "publish_extension",
            "set_header_field"]
