@@ -14,8 +14,10 @@ ordered step ends with :meth:`ImageWriter.step`, where a test can stop the proce
 
 Images this cannot edit safely are refused: version 2 headers, the dirty or corrupt
 bit set, unknown incompatible features (:class:`qcow2kit.image.Image` refuses those).
-The refcount table is never grown: an edit that would need it raises
-:class:`qcow2kit.errors.Qcow2Error` before anything is written.
+When new clusters lie past what the refcount table covers, a bigger table is made
+first (new table and blocks past the end, one 12-byte header write to switch, the
+old table freed); beyond QEMU's limit of the table, :class:`qcow2kit.errors.Qcow2Error`
+is raised before anything is written.
 """
 
 from __future__ import annotations
@@ -109,6 +111,15 @@ def publish_extension(w: ImageWriter, img: Image, ext_type: int, data: bytes) ->
 
 
 # ------------------------------------------------------------------ the editor
+
+
+def _missing(reftable: np.ndarray, lo: int, hi: int) -> list[int]:
+    """Indices in [lo, hi) of a refcount table with no refcount block (past its end too)."""
+    idx = np.arange(lo, hi, dtype=np.int64)
+    inside = idx < reftable.shape[0]
+    has = np.zeros(idx.shape[0], dtype=bool)
+    has[inside] = (reftable[idx[inside]] & np.uint64(spec.REFT_OFFSET_MASK)) != 0
+    return idx[~has].tolist()
 
 
 def _refuse_if_in_use(path: str) -> None:
@@ -267,8 +278,7 @@ class InplaceEditor:
 
     def _missing_blocks(self, a: int, b: int) -> list[int]:
         """Refcount table indices covering clusters [a, b) that have no refcount block."""
-        per = self.per_block
-        return [i for i in range(a // per, (b - 1) // per + 1) if not self._block_offset(i)]
+        return _missing(self._reftable, a // self.per_block, (b - 1) // self.per_block + 1)
 
     def allocate(self, n: int) -> int:
         """Refcount ``n`` contiguous new clusters (synced, one step) and return the byte
@@ -276,6 +286,12 @@ class InplaceEditor:
         self.require_v3()
         if n <= 0:
             raise ValueError("allocate at least one cluster")
+        if -(-(self.writer.size // self.cluster_size + n) // self.per_block) * 8 > \
+                spec.MAX_REFTABLE_SIZE:
+            raise Qcow2Error(f"{n} more clusters would need a refcount table larger than "
+                             f"QEMU's limit ({spec.MAX_REFTABLE_SIZE} bytes)",
+                             field="refcount_table_clusters",
+                             offset=H.field_offset("refcount_table_clusters"), path=self.path)
         k = 0
         for _ in range(64):
             start = self._find_free(n + k)
@@ -291,12 +307,9 @@ class InplaceEditor:
             if len(missing) == k:
                 break
             k = len(missing)
-        cap = self._reftable.shape[0]
-        if missing and missing[-1] >= cap:
-            raise Qcow2Error(f"the refcount table ({cap} entries) would have to grow to "
-                             f"refcount cluster {start + n + k - 1}; growing it is not "
-                             f"supported", field="refcount_table_clusters",
-                             offset=H.field_offset("refcount_table_clusters"), path=self.path)
+        if missing and missing[-1] >= self._reftable.shape[0]:
+            self._grow_reftable(missing[-1] + 1, start + n + k)
+            return self.allocate(n)
         end = start + n + k
         cs = self.cluster_size
         order = self.header.refcount_order
@@ -333,6 +346,75 @@ class InplaceEditor:
         self.sync_step()
         self._free_hint = end
         return start * cs
+
+    def _grow_reftable(self, need_entries: int, after: int) -> None:
+        """A bigger refcount table, as QEMU's qcow2_refcount_area makes one: the new table
+        and the refcount blocks that describe it go past ``after`` and the end of the file
+        (counted before anything refers to them), the header is switched to it by one
+        12-byte write (offset and size side by side), then the old table is freed."""
+        cs = self.cluster_size
+        per = self.per_block
+        order = self.header.refcount_order
+        old = self._reftable
+        old_n = old.shape[0]
+        area = max(after, -(-self.writer.size // cs))
+        entries, nblocks = max(need_entries, old_n), 0
+        for _ in range(64):                 # both only grow, by a few clusters at most
+            tclusters = -(-entries * 8 // cs)
+            end = area + tclusters + nblocks
+            if -(-end // per) > entries:
+                entries = -(-end // per)
+                continue
+            missing = _missing(old, area // per, (end - 1) // per + 1)
+            if len(missing) == nblocks:
+                break
+            nblocks = len(missing)
+        else:  # pragma: no cover
+            raise Qcow2Error("cannot lay out a new refcount table", path=self.path)
+        if tclusters * cs > spec.MAX_REFTABLE_SIZE:
+            raise Qcow2Error(f"a refcount table of {tclusters * cs} bytes would exceed QEMU's "
+                             f"limit ({spec.MAX_REFTABLE_SIZE})",
+                             field="refcount_table_clusters",
+                             offset=H.field_offset("refcount_table_clusters"), path=self.path)
+        entries = tclusters * cs // 8
+        block_at = {idx: area + tclusters + j for j, idx in enumerate(missing)}
+        self.writer.truncate(max(self.writer.size, end * cs))
+        # 1. existing refcount blocks count the area's clusters in their ranges
+        for i in range(area // per, (end - 1) // per + 1):
+            if i in block_at:
+                continue
+            counts = self._counts(i)
+            assert counts is not None
+            a, b = max(area, i * per) - i * per, min(end, (i + 1) * per) - i * per
+            if counts[a:b].any():
+                raise CorruptImageError("clusters past the end of the file are in use",
+                                        path=self.path)
+            counts[a:b] = 1
+            self.writer.pwrite(T.encode_refcount_block(counts, order), self._block_offset(i))
+        self.writer.sync()
+        # 2. the new blocks (each counts the area's clusters in its range, itself included)
+        table = np.zeros(entries, dtype=np.uint64)
+        table[:old_n] = old
+        for i, c in block_at.items():
+            counts = np.zeros(per, dtype=np.uint64)
+            a, b = max(area, i * per) - i * per, min(end, (i + 1) * per) - i * per
+            counts[a:b] = 1
+            self.writer.pwrite(T.encode_refcount_block(counts, order), c * cs)
+            table[i] = c * cs
+        # 3. the new table, not yet referred to
+        self.writer.pwrite(T.encode_u64_table(table), area * cs)
+        self.sync_step()
+        # 4. the switch: offset and size of the table in one write
+        off_at, raw_off = H.field_patch("refcount_table_offset", area * cs)
+        size_at, raw_size = H.field_patch("refcount_table_clusters", tclusters)
+        if size_at != off_at + len(raw_off):
+            raise AssertionError("refcount_table_offset and _clusters are not side by side")
+        self.writer.pwrite(raw_off + raw_size, off_at)
+        self.sync_step()
+        old_off, old_clusters = self.header.refcount_table_offset, -(-old_n * 8 // cs)
+        self.reload()
+        # 5. nothing refers to the old table any more
+        self.free([(old_off, old_clusters)])
 
     def free(self, ranges: "list[tuple[int, int]]", *, lenient: bool = False) -> int:
         """Drop one reference from each cluster of ``ranges`` (``(byte offset, clusters)``

@@ -415,9 +415,19 @@ def test_editor_new_refcount_blocks_frees_and_refusals(tmp_path):
         assert again == off                  # the first free run
         ed.free([(again, 10)])
     _check_clean(img)
+    # past what the one-cluster refcount table covers: a bigger table first
+    with InplaceEditor(img) as ed:
+        big = ed.allocate(64 * 64)
+        assert ed.header.refcount_table_clusters > 1
+    rc, out = qemu_img_check(img)
+    assert rc == 3 and out["leaks"] == 64 * 64 and not out.get("corruptions"), out
+    with InplaceEditor(img) as ed:
+        ed.free([(big, 64 * 64)])
+    _check_clean(img)
+    # beyond QEMU's limit of the refcount table: refused, nothing written
     before = sha256_file(img)
     with InplaceEditor(img) as ed, pytest.raises(Qcow2Error, match="refcount table"):
-        ed.allocate(64 * 64)
+        ed.allocate(1 << 30)
     assert sha256_file(img) == before
     # the same image is still an image bitmaps can be added to
     add_bitmap(img, "x", granularity=512)
@@ -460,3 +470,33 @@ def test_removing_a_bitmap_with_a_damaged_table_leaks_rather_than_corrupts(tmp_p
     assert _bitmaps(img) == []
     rc, out = qemu_img_check(img)
     assert rc == 3 and out["leaks"] == 1 and not out.get("corruptions"), out
+
+
+def test_refcount_table_growth_killed_after_every_step(tmp_path):
+    pristine = _create(tmp_path / "p.qcow2", opts="cluster_size=512,refcount_bits=64")
+    img = tmp_path / "g.qcow2"
+    code = ("import sys; from qcow2kit.inplace import InplaceEditor\n"
+            "with InplaceEditor(sys.argv[1]) as ed:\n"
+            "    ed.free([(ed.allocate(64 * 64), 64 * 64)])\n")
+    for n in range(1, 20):
+        shutil.copyfile(pristine, img)
+        env = dict(os.environ, QCOW2KIT_WRITER_STOP_AT=str(n))
+        proc = subprocess.Popen([sys.executable, "-c", code, str(img)], env=env)
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)
+        stopped = os.WIFSTOPPED(status)
+        if stopped:
+            os.kill(proc.pid, signal.SIGKILL)
+            os.waitpid(proc.pid, 0)
+            proc.returncode = -9
+        else:
+            assert os.waitstatus_to_exitcode(status) == 0
+        rc, out = qemu_img_check(img)
+        assert rc in (0, 3) and not out.get("corruptions"), (n, out)
+        _write(img, "write -P 3 1M 64k")          # QEMU goes on with the table it finds
+        rc, out = qemu_img_check(img)
+        assert rc in (0, 3) and not out.get("corruptions"), (n, out)
+        if not stopped:
+            break
+    assert n >= 4
+    with Image.open(img) as i:
+        assert i.header.refcount_table_clusters > 1
