@@ -26,7 +26,7 @@ import numpy as np
 from . import spec
 from .errors import BitmapNotFoundError, NotQcow2Error, Qcow2Error
 from .image import Image
-from .inplace import InplaceEditor
+from .inplace import InplaceEditor, check_extension_room
 from .layout import bitmaps as B
 from .layout import header as H
 
@@ -215,6 +215,9 @@ def _commit(ed: InplaceEditor, d: _Dir, old_dir: list[tuple[int, int]]) -> None:
         tclusters = -(-e.bitmap_table_size * 8 // cs)
         plans.append((i, chunks, nonzero, tclusters))
         need += tclusters + nonzero.shape[0]
+    if d.entries and ed.extension(spec.EXT_BITMAPS) is None:    # fail before writing
+        assert ed.image is not None
+        check_extension_room(ed.image, spec.EXT_BITMAPS, H.BitmapsExtension.sizeof())
     dir_bytes_len = len(B.encode_bitmap_directory(d.entries))
     dir_clusters = -(-dir_bytes_len // cs)
     need += dir_clusters
@@ -229,19 +232,22 @@ def _commit(ed: InplaceEditor, d: _Dir, old_dir: list[tuple[int, int]]) -> None:
             ed.write(pos, chunks[k].tobytes())
             table[k] = pos
             pos += cs
-        ed.write(table_off, table.astype(">u8").tobytes())
+        raw_table = table.astype(">u8").tobytes()
+        ed.write(table_off, raw_table + bytes(tclusters * cs - len(raw_table)))
         e.bitmap_table_offset = table_off
     if d.entries:
         dir_off = pos
         raw = B.encode_bitmap_directory(d.entries)
-        ed.write(dir_off, raw)
+        ed.write(dir_off, raw + bytes(dir_clusters * cs - len(raw)))   # no stale bytes kept
         ext = H.BitmapsExtension.build({"nb_bitmaps": len(d.entries), "reserved32": 0,
                                         "bitmap_directory_size": len(raw),
                                         "bitmap_directory_offset": dir_off})
     if need:
         ed.sync_step()                                   # the new state, not referenced yet
     _switch(ed, ext if d.entries else None)
-    ed.free(old_dir + d.frees)                           # the old state's clusters
+    # the old state's clusters, each once; a damaged old table (a bitmap left in use may
+    # hold anything) must not take references it does not own: those are left as leaks
+    ed.free(sorted(set(old_dir + d.frees)), lenient=True)
 
 
 def _switch(ed: InplaceEditor, ext: bytes | None) -> None:
@@ -272,41 +278,74 @@ def _switch(ed: InplaceEditor, ext: bytes | None) -> None:
 Op = tuple[str, "str | None"]     # ("merge", SOURCE) or (op, None)
 
 
+def _not_a_format(path: str, fmt: str) -> Qcow2Error:
+    return Qcow2Error(f"Could not open '{path}': only qcow2 and raw images are supported, "
+                      f"not '{fmt}'")
+
+
 def _open_source(path: str, fmt: str | None) -> Image | None:
     """The image a --merge source is read from (read-locked as qemu-img does); None for
     a raw file (it has no bitmaps)."""
     if fmt not in (None, "qcow2", "raw"):
-        raise Qcow2Error(f"Could not open '{path}': only qcow2 and raw sources are "
-                         f"supported, not '{fmt}'")
-    if fmt == "raw":
-        with open(path, "rb"):
-            return None
+        raise _not_a_format(path, fmt)
     try:
+        if fmt == "raw":
+            with open(path, "rb"):
+                return None
         return Image.open(path, follow_backing=False)
     except NotQcow2Error:
         if fmt == "qcow2":
-            raise
+            raise Qcow2Error(f"Could not open '{path}': Image is not in qcow2 format") from None
         return None
+    except OSError as exc:
+        raise Qcow2Error(f"Could not open '{path}': Could not open '{path}': "
+                         f"{exc.strerror}") from exc
+
+
+def _raw_target(path: str, name: str, ops: Sequence[Op]) -> None:
+    """qemu-img bitmap on a raw image: nothing to find, nowhere to store a bitmap."""
+    op = ops[0][0]
+    if op == "add":
+        raise BitmapOperationError(f"Operation add on bitmap {name} failed: Can't store "
+                                   f"persistent bitmaps to {path}: Operation not supported")
+    raise BitmapNotFoundError(f"Operation {op} on bitmap {name} failed: Dirty bitmap "
+                              f"'{name}' not found")
 
 
 def edit_bitmaps(path: str | os.PathLike[str], name: str, ops: Sequence[Op], *,
                  granularity: int | None = None, add_disabled: bool = False,
                  add_dirty: Iterable[tuple[int, int]] = (),
                  source_file: str | os.PathLike[str] | None = None,
-                 source_fmt: str | None = None) -> None:
+                 source_fmt: str | None = None, fmt: str | None = None) -> None:
     """Run ``ops`` on bitmap ``name`` of ``path`` in order, as ``qemu-img bitmap`` does.
 
     ``ops`` are ``(op, None)`` for add, remove, clear, enable and disable and
     ``("merge", SOURCE)``; ``granularity`` and ``add_disabled`` are add's (``None``:
     QEMU's default, :func:`default_granularity`); a merge reads SOURCE from
     ``source_file`` (format ``source_fmt``) when given, else from ``path``.  The first
-    failing operation raises (earlier ones stay done) with qemu-img's message.
+    failing operation raises (earlier ones stay done) with qemu-img's message.  ``fmt``
+    is the image's format: "qcow2", "raw" (no bitmaps, none can be stored) or None
+    (a file that is not qcow2 is taken as raw, as QEMU probes it).
     """
     path = os.fspath(path)
     for op, _ in ops:
         if op not in OPS:
             raise ValueError(f"unknown bitmap operation {op!r}")
-    with InplaceEditor(path) as ed:
+    if fmt not in (None, "qcow2", "raw"):
+        raise _not_a_format(path, fmt)
+    try:
+        ed = InplaceEditor(path)
+    except NotQcow2Error:
+        if fmt == "qcow2":
+            raise Qcow2Error(f"Could not open '{path}': Image is not in qcow2 format") from None
+        ed = None
+    if ed is None or fmt == "raw":
+        if ed is not None:
+            ed.close()
+        if ops:
+            _raw_target(path, name, ops)
+        return
+    with ed:
         src_img = None
         if source_file is not None:
             src_img = _open_source(os.fspath(source_file), source_fmt)

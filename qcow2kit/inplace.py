@@ -14,8 +14,10 @@ ordered step ends with :meth:`ImageWriter.step`, where a test can stop the proce
 
 Images this cannot edit safely are refused: version 2 headers, the dirty or corrupt
 bit set, unknown incompatible features (:class:`qcow2kit.image.Image` refuses those).
-The refcount table is never grown: an edit that would need it raises
-:class:`qcow2kit.errors.Qcow2Error` before anything is written.
+When new clusters lie past what the refcount table covers, a bigger table is made
+first (new table and blocks past the end, one 12-byte header write to switch, the
+old table freed); beyond QEMU's limit of the table, :class:`qcow2kit.errors.Qcow2Error`
+is raised before anything is written.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import numpy as np
 from . import spec
 from . import tables as T
 from .boolruns import true_runs
-from .errors import CorruptImageError, ImageOpenError, Qcow2Error, UnsupportedFeatureError
+from .errors import (CorruptImageError, ImageNotFoundError, ImageOpenError, Qcow2Error,
+                     UnsupportedFeatureError)
 from .image import Image
 from .image.header import Header, HeaderExtensionRecord
 from .layout import header as H
@@ -56,37 +59,49 @@ def extension_area(header: Header) -> tuple[int, int]:
     return off, off + len(END_ENTRY)
 
 
+def _extension_room(img: Image, ext_type: int, data_len: int) -> tuple[int, int | None]:
+    """Where a new extension goes (the end entry's offset) and where the backing file
+    name must move to make room (None: it stays); a Qcow2Error when cluster 0 is full."""
+    h = img.header
+    cs = img.cluster_size
+    end_entry, _ = extension_area(h)
+    entry_len = _FRAME + data_len + (-data_len % 8)
+    new_end = end_entry + entry_len + len(END_ENTRY)   # the extension + new end entry
+    target = None
+    if h.backing_file_offset and h.backing_file_offset < new_end:
+        target = (max(new_end, h.backing_file_offset + h.backing_file_size) + 7) // 8 * 8
+        if target + h.backing_file_size > cs:
+            raise Qcow2Error(f"no room in cluster 0 for header extension {ext_type:#010x}",
+                             field="backing_file_offset",
+                             offset=H.field_offset("backing_file_offset")).locate(img.filename)
+    elif not h.backing_file_offset and new_end > cs:
+        raise Qcow2Error(f"no room in cluster 0 for header extension {ext_type:#010x}",
+                         field="header extension", offset=end_entry).locate(img.filename)
+    return end_entry, target
+
+
+def check_extension_room(img: Image, ext_type: int, data_len: int) -> None:
+    """Raise the Qcow2Error :func:`publish_extension` would raise, before writing anything."""
+    _extension_room(img, ext_type, data_len)
+
+
 def publish_extension(w: ImageWriter, img: Image, ext_type: int, data: bytes) -> None:
     """Append a header extension: move the backing file name out of the way if needed
     (step), write the extension's data and a new end entry past the current end entry,
     then turn the current end entry into the new extension's frame with one aligned
     8-byte write (step).  Before that write the extension is invisible."""
-    h = img.header
-    cs = img.cluster_size
-    end_entry, _ = extension_area(h)
+    end_entry, target = _extension_room(img, ext_type, len(data))
     if w.pread(end_entry, len(END_ENTRY)) != END_ENTRY:
         raise Qcow2Error(f"no end-of-extensions entry at {end_entry:#x}; "
                          f"refusing to add an extension", field="header extension",
                          offset=end_entry).locate(img.filename)
     entry = H.encode_extension(ext_type, data)
-    new_end = end_entry + len(entry) + len(END_ENTRY)   # the extension + new end entry
-    if h.backing_file_offset:
-        name_start = h.backing_file_offset
-        name_len = h.backing_file_size
-        if name_start < new_end:
-            target = (max(new_end, name_start + name_len) + 7) // 8 * 8
-            if target + name_len > cs:
-                raise Qcow2Error(f"no room in cluster 0 for header extension {ext_type:#010x}",
-                                 field="backing_file_offset",
-                                 offset=H.field_offset("backing_file_offset")
-                                 ).locate(img.filename)
-            w.pwrite(w.pread(name_start, name_len), target)
-            w.sync()
-            set_header_field(w, "backing_file_offset", target)
-            w.sync()
-    elif new_end > cs:
-        raise Qcow2Error(f"no room in cluster 0 for header extension {ext_type:#010x}",
-                         field="header extension", offset=end_entry).locate(img.filename)
+    if target is not None:
+        h = img.header
+        w.pwrite(w.pread(h.backing_file_offset, h.backing_file_size), target)
+        w.sync()
+        set_header_field(w, "backing_file_offset", target)
+        w.sync()
     w.step()                                                   # backing name out of the way
     w.pwrite(entry[_FRAME:] + END_ENTRY, end_entry + _FRAME)
     w.sync()
@@ -98,13 +113,23 @@ def publish_extension(w: ImageWriter, img: Image, ext_type: int, data: bytes) ->
 # ------------------------------------------------------------------ the editor
 
 
+def _missing(reftable: np.ndarray, lo: int, hi: int) -> list[int]:
+    """Indices in [lo, hi) of a refcount table with no refcount block (past its end too)."""
+    idx = np.arange(lo, hi, dtype=np.int64)
+    inside = idx < reftable.shape[0]
+    has = np.zeros(idx.shape[0], dtype=bool)
+    has[inside] = (reftable[idx[inside]] & np.uint64(spec.REFT_OFFSET_MASK)) != 0
+    return idx[~has].tolist()
+
+
 def _refuse_if_in_use(path: str) -> None:
     """QEMU's words when another process's locks forbid writing (the writer checks again)."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise ImageOpenError(f"Could not open '{path}': Could not open '{path}': "
-                             f"{exc.strerror}", exc.errno or 0, path, path=path) from exc
+        cls = ImageNotFoundError if isinstance(exc, FileNotFoundError) else ImageOpenError
+        raise cls(f"Could not open '{path}': Could not open '{path}': {exc.strerror}",
+                  exc.errno or 0, path, path=path) from exc
     try:
         reason = first_conflict(fd, HELD_BY_WRITER, REFUSED_BY_WRITER)
     except OSError:
@@ -145,8 +170,7 @@ class InplaceEditor:
         if h.corrupt:
             raise UnsupportedFeatureError(
                 f"Could not open '{self.path}': qcow2: Image is corrupt; cannot be opened "
-                f"read/write", field="incompatible_features",
-                offset=H.field_offset("incompatible_features"), path=self.path)
+                f"read/write", path=self.path)
         if h.dirty:
             raise UnsupportedFeatureError(
                 f"{self.path}: the image is dirty (not closed cleanly with lazy refcounts); "
@@ -254,15 +278,20 @@ class InplaceEditor:
 
     def _missing_blocks(self, a: int, b: int) -> list[int]:
         """Refcount table indices covering clusters [a, b) that have no refcount block."""
-        per = self.per_block
-        return [i for i in range(a // per, (b - 1) // per + 1) if not self._block_offset(i)]
+        return _missing(self._reftable, a // self.per_block, (b - 1) // self.per_block + 1)
 
     def allocate(self, n: int) -> int:
         """Refcount ``n`` contiguous new clusters (synced, one step) and return the byte
-        offset of the first; the clusters read as zeros."""
+        offset of the first.  They may hold a freed cluster's old bytes: write them whole."""
         self.require_v3()
         if n <= 0:
             raise ValueError("allocate at least one cluster")
+        if -(-(self.writer.size // self.cluster_size + n) // self.per_block) * 8 > \
+                spec.MAX_REFTABLE_SIZE:
+            raise Qcow2Error(f"{n} more clusters would need a refcount table larger than "
+                             f"QEMU's limit ({spec.MAX_REFTABLE_SIZE} bytes)",
+                             field="refcount_table_clusters",
+                             offset=H.field_offset("refcount_table_clusters"), path=self.path)
         k = 0
         for _ in range(64):
             start = self._find_free(n + k)
@@ -278,12 +307,9 @@ class InplaceEditor:
             if len(missing) == k:
                 break
             k = len(missing)
-        cap = self._reftable.shape[0]
-        if missing and missing[-1] >= cap:
-            raise Qcow2Error(f"the refcount table ({cap} entries) would have to grow to "
-                             f"refcount cluster {start + n + k - 1}; growing it is not "
-                             f"supported", field="refcount_table_clusters",
-                             offset=H.field_offset("refcount_table_clusters"), path=self.path)
+        if missing and missing[-1] >= self._reftable.shape[0]:
+            self._grow_reftable(missing[-1] + 1, start + n + k)
+            return self.allocate(n)
         end = start + n + k
         cs = self.cluster_size
         order = self.header.refcount_order
@@ -321,28 +347,114 @@ class InplaceEditor:
         self._free_hint = end
         return start * cs
 
-    def free(self, ranges: "list[tuple[int, int]]") -> None:
+    def _grow_reftable(self, need_entries: int, after: int) -> None:
+        """A bigger refcount table, as QEMU's qcow2_refcount_area makes one: the new table
+        and the refcount blocks that describe it go past ``after`` and the end of the file
+        (counted before anything refers to them), the header is switched to it by one
+        12-byte write (offset and size side by side), then the old table is freed."""
+        cs = self.cluster_size
+        per = self.per_block
+        order = self.header.refcount_order
+        old = self._reftable
+        old_n = old.shape[0]
+        area = max(after, -(-self.writer.size // cs))
+        entries, nblocks = max(need_entries, old_n), 0
+        for _ in range(64):                 # both only grow, by a few clusters at most
+            tclusters = -(-entries * 8 // cs)
+            end = area + tclusters + nblocks
+            if -(-end // per) > entries:
+                entries = -(-end // per)
+                continue
+            missing = _missing(old, area // per, (end - 1) // per + 1)
+            if len(missing) == nblocks:
+                break
+            nblocks = len(missing)
+        else:  # pragma: no cover
+            raise Qcow2Error("cannot lay out a new refcount table", path=self.path)
+        if tclusters * cs > spec.MAX_REFTABLE_SIZE:
+            raise Qcow2Error(f"a refcount table of {tclusters * cs} bytes would exceed QEMU's "
+                             f"limit ({spec.MAX_REFTABLE_SIZE})",
+                             field="refcount_table_clusters",
+                             offset=H.field_offset("refcount_table_clusters"), path=self.path)
+        entries = tclusters * cs // 8
+        block_at = {idx: area + tclusters + j for j, idx in enumerate(missing)}
+        self.writer.truncate(max(self.writer.size, end * cs))
+        # 1. existing refcount blocks count the area's clusters in their ranges
+        for i in range(area // per, (end - 1) // per + 1):
+            if i in block_at:
+                continue
+            counts = self._counts(i)
+            assert counts is not None
+            a, b = max(area, i * per) - i * per, min(end, (i + 1) * per) - i * per
+            if counts[a:b].any():
+                raise CorruptImageError("clusters past the end of the file are in use",
+                                        path=self.path)
+            counts[a:b] = 1
+            self.writer.pwrite(T.encode_refcount_block(counts, order), self._block_offset(i))
+        self.writer.sync()
+        # 2. the new blocks (each counts the area's clusters in its range, itself included)
+        table = np.zeros(entries, dtype=np.uint64)
+        table[:old_n] = old
+        for i, c in block_at.items():
+            counts = np.zeros(per, dtype=np.uint64)
+            a, b = max(area, i * per) - i * per, min(end, (i + 1) * per) - i * per
+            counts[a:b] = 1
+            self.writer.pwrite(T.encode_refcount_block(counts, order), c * cs)
+            table[i] = c * cs
+        # 3. the new table, not yet referred to
+        self.writer.pwrite(T.encode_u64_table(table), area * cs)
+        self.sync_step()
+        # 4. the switch: offset and size of the table in one write
+        off_at, raw_off = H.field_patch("refcount_table_offset", area * cs)
+        size_at, raw_size = H.field_patch("refcount_table_clusters", tclusters)
+        if size_at != off_at + len(raw_off):
+            raise AssertionError("refcount_table_offset and _clusters are not side by side")
+        self.writer.pwrite(raw_off + raw_size, off_at)
+        self.sync_step()
+        old_off, old_clusters = self.header.refcount_table_offset, -(-old_n * 8 // cs)
+        self.reload()
+        # 5. nothing refers to the old table any more
+        self.free([(old_off, old_clusters)])
+
+    def free(self, ranges: "list[tuple[int, int]]", *, lenient: bool = False) -> int:
         """Drop one reference from each cluster of ``ranges`` (``(byte offset, clusters)``
-        pairs), synced, one step.  Whatever referred to them must already be gone (synced)."""
+        pairs), synced, one step.  Whatever referred to them must already be gone (synced).
+
+        A cluster whose refcount is already 0 is an error, nothing written; with
+        ``lenient`` (old metadata that may be damaged) its range is skipped instead, left
+        to ``qemu-img check``.  Returns how many ranges were skipped."""
         self.require_v3()
         cs = self.cluster_size
         per = self.per_block
         order = self.header.refcount_order
         by_block: dict[int, list[tuple[int, int]]] = {}
+        skipped = 0
         for offset, n in ranges:
             if offset % cs or n <= 0:
+                if lenient:
+                    skipped += 1
+                    continue
                 raise ValueError(f"free: bad range {offset:#x} +{n} clusters")
             first = offset // cs
             for i in range(first // per, (first + n - 1) // per + 1):
                 a, b = max(first, i * per) - i * per, min(first + n, (i + 1) * per) - i * per
                 by_block.setdefault(i, []).append((a, b))
         if not by_block:
-            return
+            return skipped
         updated: dict[int, np.ndarray] = {}
         for i, spans in sorted(by_block.items()):      # all checked before anything is written
             counts = self._counts(i)
+            if counts is None:
+                if lenient:
+                    skipped += len(spans)
+                    continue
+                raise CorruptImageError(f"freeing clusters of refcount block {i}, which does "
+                                        f"not exist", path=self.path)
             for a, b in spans:
-                if counts is None or not counts[a:b].all():
+                if not counts[a:b].all():
+                    if lenient:
+                        skipped += 1
+                        continue
                     raise CorruptImageError(f"freeing clusters [{i * per + a}, {i * per + b})"
                                             f" of which some have refcount 0", path=self.path)
                 counts[a:b] -= np.uint64(1)
@@ -351,6 +463,7 @@ class InplaceEditor:
             self.writer.pwrite(T.encode_refcount_block(counts, order), self._block_offset(i))
             self._free_hint = min(self._free_hint, i * per + min(a for a, _ in by_block[i]))
         self.sync_step()
+        return skipped
 
     # -- header --------------------------------------------------------------
 
@@ -405,5 +518,6 @@ class InplaceEditor:
         self.reload()
 
 
-__all__ = ["END_ENTRY", "InplaceEditor", "extension_area", "publish_extension",
+__all__ = ["END_ENTRY", "InplaceEditor", "check_extension_room", "extension_area",
+           "publish_extension",
            "set_header_field"]

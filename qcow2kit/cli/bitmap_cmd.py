@@ -66,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-b", dest="source_file", metavar="FILE",
                    help="--merge reads SOURCE from FILE instead of the image")
     p.add_argument("-F", dest="source_fmt", metavar="FMT", help="the format of FILE")
-    p.add_argument("-f", dest="fmt", metavar="FMT", help="the image's format (qcow2)")
+    p.add_argument("-f", dest="fmt", metavar="FMT", help="the image's format (qcow2; raw has no bitmaps)")
     p.add_argument("filename", nargs="?", help="the image")
     p.add_argument("bitmap", nargs="?", help="the bitmap an operation works on")
     p.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
@@ -119,14 +119,11 @@ def _edit(args: argparse.Namespace) -> int:
         raise CommandError("Merge bitmap source file only supported with --merge")
     if args.filename is None or args.bitmap is None or args.extra:
         raise CommandError("Expecting filename and bitmap name")
-    if args.fmt not in (None, "qcow2"):
-        raise CommandError(f"Could not open '{args.filename}': only qcow2 images have "
-                           f"persistent bitmaps (-f {args.fmt})")
     # qemu-img passes the granularity on as 32 bits, and 0 as "the default"
     edit_bitmaps(args.filename, args.bitmap, args.ops,
                  granularity=(granularity & 0xFFFFFFFF) if granularity else None,
                  add_disabled="disable" in ops, source_file=args.source_file,
-                 source_fmt=args.source_fmt)
+                 source_fmt=args.source_fmt, fmt=args.fmt)
     return EXIT_OK
 
 

@@ -179,7 +179,7 @@ def build(path: str | os.PathLike[str], *, memory: int = 32 << 20) -> RmapInfo:
         ext = encode_rmap_extension(RmapExtensionData(
             RMAP_VERSION, flags, where, length, c.nb_data + int(c.comp.shape[0]),
             img.header.l1_table_offset, l1_crc(img), crc))
-        publish_extension(w, img, EXT_RMAP, ext)                      # 2, 3: extension visible
+        publish_extension(w, img, EXT_RMAP, ext)               # 2, 3: extension visible
         auto = img.header.autoclear_features | AUTOCLEAR_RMAP
         set_header_field(w, "autoclear_features", auto)
         w.sync()
