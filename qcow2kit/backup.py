@@ -40,17 +40,24 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import spec
-from .blockcopy import DEFAULT_WORKERS, CopyBitmap, CopyResult, CopyTarget
+from .blockcopy import DEFAULT_WORKERS, CopyBitmap, CopyResult, CopyTarget, RawFileTarget
+from .blockcopy.pending import Checkpointer, JournalStore, PendingMap, PendingStore
+from .blockcopy.resumable import PENDING_BITMAP, BitmapStore, MappedQcow2Target
 from .checksum import DEFAULT_WINDOW, block_hasher, hasher_checksum
-from .convert import convert_to_qcow2, convert_to_raw
+from .convert import CopySettings, PlannedCopy, incomplete_error
 from .createopts import CreateError, backing_virtual_size
 from .errors import (BitmapNotFoundError, BitmapUnusableError, CorruptImageError, Qcow2Error,
                      TargetError)
 from .image import Image
 from .mapping import DEFAULT_MEMORY
-from .target import check_new_target, remove_created, source_files
+from .resume import (JOURNAL_SUFFIX, finish_pending, map_qcow2_target, pending_of,
+                     start_pending)
+from .target import check_new_target, open_raw_target, remove_created, source_files
+from .writer import ImageWriter
 
 SYNC_MODES = ("full", "incremental", "auto")
+#: seconds between two checkpoints of a backup's pending bits
+DEFAULT_CHECKPOINT_INTERVAL = 1.0
 FORMATS = ("qcow2", "raw")
 CHECKSUM_SUFFIX = ".checksum"
 
@@ -171,9 +178,11 @@ def _check_base(img: Image, base: str, target: str) -> tuple[str, str]:
 
 def plan_backup(img: Image, target: str | os.PathLike[str], *, sync: str = "full",
                 bitmap: str | None = None, base: str | os.PathLike[str] | None = None,
-                fmt: str = "qcow2", checksum: bool = False) -> BackupPlan:
+                fmt: str = "qcow2", checksum: bool = False, resume: bool = False) -> BackupPlan:
     """Check a backup of ``img`` to ``target`` before anything is written, and choose it.
 
+    With ``resume``, ``target`` is what an interrupted backup with the same arguments
+    left (it must exist; :func:`run_backup` checks that it is one).
     ``sync="incremental"`` needs ``bitmap`` and ``base`` and a qcow2 target, and raises
     (:class:`BitmapUnusableError`, :class:`TargetError`) when one is not usable;
     ``sync="auto"`` runs an incremental backup when it can and a full one otherwise,
@@ -190,10 +199,20 @@ def plan_backup(img: Image, target: str | os.PathLike[str], *, sync: str = "full
     if sync == "full" and (bitmap is not None or base is not None):
         raise ValueError("a full backup takes no bitmap and no base (they are for "
                          "--sync incremental or auto)")
+    if resume and checksum:
+        raise ValueError("--checksum cannot be computed by a resumed backup (what the first "
+                         "run copied would be read again): run `qcow2kit checksum` on the "
+                         "source or the backup afterwards")
     avoid = source_files(img)             # the whole chain opens, or we stop here
-    if check_new_target(target, avoid) is not None:
-        raise TargetError(f"{target}: cannot write the backup: the file exists (a backup "
-                          f"never overwrites one)", path=target)
+    exists = check_new_target(target, avoid) is not None
+    if resume and not exists:
+        raise TargetError(f"{target}: nothing to resume: the file does not exist",
+                          path=target)
+    if exists and not resume:
+        hint = (": it is an interrupted backup, add --resume to finish it"
+                if interrupted(target, fmt) else " (a backup never overwrites one)")
+        raise TargetError(f"{target}: cannot write the backup: the file exists{hint}",
+                          path=target)
     plan = BackupPlan(mode="full", target=target, fmt=fmt, bitmap=bitmap,
                       cluster_size=img.cluster_size)
     if checksum:
@@ -236,44 +255,147 @@ def plan_backup(img: Image, target: str | os.PathLike[str], *, sync: str = "full
 
 # ---------------------------------------------------------------------------- the copy
 
-def run_backup(img: Image, plan: BackupPlan, *, pending: CopyBitmap | None = None,
+def run_backup(img: Image, plan: BackupPlan, *, resume: bool = False,
                checksum_window: int = DEFAULT_WINDOW, order: str = "host",
                memory: int = DEFAULT_MEMORY, workers: int = DEFAULT_WORKERS,
-               fsync: bool = True, progress: Callable[[int], None] | None = None,
+               checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
+               rate_limit: int | None = None,
+               progress: Callable[[int], None] | None = None,
                on_total: Callable[[int], None] | None = None) -> BackupResult:
     """Copy as ``plan`` says (:func:`plan_backup`); returns what was done.
 
-    ``pending`` replaces the plan's copy bitmap (what is still to copy: a resumed
-    backup's); for a full backup it may restrict the copy too.  With a checksum planned,
-    the guest disk is copied a window of ``checksum_window`` bytes at a time (each read
-    in host order), so the blocks being hashed stay within about a window of memory.
-    ``fsync`` (the default) makes the target durable before returning.  On any failure
-    the files this call created are removed.
+    The copy is resumable (see the module docstring): the target is made first, with
+    the pending bits of everything to copy, then the copy keeps them durable.  With
+    ``resume`` the target is the one an interrupted run left (:func:`plan_backup` with
+    ``resume``) and only what is still pending is copied.  When anything fails before
+    the pending bits are on disk, the files this call created are removed; afterwards
+    the target is kept (incomplete) for ``resume``.  With a checksum planned, the guest
+    disk is copied a window of ``checksum_window`` bytes at a time (each read in host
+    order), so the blocks being hashed stay within about a window of memory.  On return
+    the target is complete and on disk.
     """
-    if pending is None:
-        pending = plan.pending
     hasher: CopyTarget | None = block_hasher(img.size) if plan.checksum_path else None
     window = checksum_window if hasher is not None else None
-    if plan.fmt == "raw":
-        copy = convert_to_raw(img, plan.target, pending=pending, watcher=hasher, window=window,
-                              order=order, memory=memory, workers=workers, fsync=fsync,
-                              progress=progress, on_total=on_total)
+    tag = _tag(img, plan)
+    bits: CopyBitmap | None
+    if resume:
+        pending: PendingMap | None = pending_of(plan.target, plan.fmt, img.size, tag,
+                                                backing=plan.backing_file)
+        assert pending is not None
+        bits = CopyBitmap(img.size, pending.granularity, fill=False)
+        for a, n in pending.runs():
+            bits.set(a, n)
     else:
-        copy = convert_to_qcow2(img, plan.target, options=[f"cluster_size={plan.cluster_size}"],
-                                backing_file=plan.backing_file, backing_fmt=plan.backing_fmt,
-                                pending=pending, watcher=hasher, window=window, order=order,
-                                memory=memory, workers=workers, fsync=fsync,
-                                progress=progress, on_total=on_total)
-    # (convert_* remove the target they created when they fail)
-    result = BackupResult(plan, copy, files=[plan.target])
+        pending = None
+        bits = plan.pending
+    keep = None if bits is None else list(bits.iter_runs())
+    settings = CopySettings(order=order, memory=memory, workers=workers, rate_limit=rate_limit)
+    # planned (every table of the source checked) before the target is touched
+    copy = PlannedCopy(img, settings, pending=bits, window=window, watcher=hasher,
+                       progress=progress, on_total=on_total)
+    if pending is None:
+        pending = _make_target(img, plan, keep, tag, memory)
+    if plan.fmt == "raw":
+        with open_raw_target(plan.target, img.size, source_files(img), existing=True) as rt:
+            target: CopyTarget = RawFileTarget(rt.fd, plan.target, img.size,
+                                               zero_initialized=not resume)
+            store = JournalStore(plan.target + JOURNAL_SUFFIX, img.size, pending.granularity,
+                                 tag)
+            result = _copy(copy, target, keep, pending, store, checkpoint_interval)
+    else:
+        with ImageWriter(plan.target) as w, \
+                Image.open(plan.target, follow_backing=False, locking=False) as timg:
+            target = MappedQcow2Target(timg, w, fresh=not resume)
+            result = _copy(copy, target, keep, pending, BitmapStore(timg, w),
+                           checkpoint_interval)
+    if result.failed:
+        raise incomplete_error(plan.target, result)
+    finish_pending(plan.target, plan.fmt)
+    out = BackupResult(plan, result, files=[plan.target])
     if hasher is not None and plan.checksum_path is not None:
-        try:
-            result.checksum = hasher_checksum(hasher)
-            _write_new(plan.checksum_path, json.dumps(result.checksum) + "\n", fsync)
-        except BaseException:
-            remove_created(plan.target, None)       # created by this run: no half backup
-            raise
-        result.files.append(plan.checksum_path)
+        out.checksum = hasher_checksum(hasher)
+        _write_new(plan.checksum_path, json.dumps(out.checksum) + "\n", True)
+        out.files.append(plan.checksum_path)
+    return out
+
+
+def interrupted(target: str, fmt: str) -> bool:
+    """Whether ``target`` is a backup that was interrupted (it has pending bits)."""
+    if fmt == "raw":
+        return os.path.exists(target + JOURNAL_SUFFIX)
+    try:
+        with Image.open(target, follow_backing=False, locking=False) as timg:
+            return any(b.name == PENDING_BITMAP for b in timg.bitmaps)
+    except (Qcow2Error, OSError):
+        return False
+
+
+def _tag(img: Image, plan: BackupPlan) -> bytes:
+    """What a raw backup's journal records of the backup, compared on resume."""
+    return json.dumps({"source": os.path.realpath(img.filename or ""), "size": img.size,
+                       "mode": plan.mode}, sort_keys=True).encode()
+
+
+def part_name(target: str) -> str:
+    """Where a target is made before it gets its name (see :func:`_make_target`)."""
+    d, b = os.path.split(target)
+    return os.path.join(d, f".{b}.qcow2kit-part")
+
+
+def _make_target(img: Image, plan: BackupPlan, keep: list[tuple[int, int]] | None,
+                 tag: bytes, memory: int) -> PendingMap:
+    """Create the target, mapped (qcow2) or sparse (raw), with its pending bits.
+
+    It is made under :func:`part_name` and linked to its name only once its pending
+    bits are on disk: a kill before leaves no TARGET (a part file the next run
+    removes), never a TARGET that would look complete.  What was created is removed
+    again when this fails."""
+    avoid = source_files(img)
+    part = part_name(plan.target)
+    journal = plan.target + JOURNAL_SUFFIX
+    for stale in (part, part + JOURNAL_SUFFIX, journal):   # a killed creation's leftovers
+        if os.path.lexists(stale):
+            os.unlink(stale)
+    try:
+        if plan.fmt == "raw":
+            with open_raw_target(part, img.size, avoid):
+                pass
+        else:
+            map_qcow2_target(img, part, keep, options=[f"cluster_size={plan.cluster_size}"],
+                             backing_file=plan.backing_file, backing_fmt=plan.backing_fmt,
+                             memory=memory, check_files=lambda path: check_new_target(path, avoid))
+        pending = start_pending(img, part, plan.fmt, keep, plan.cluster_size, tag)
+        if plan.fmt == "raw":
+            os.rename(part + JOURNAL_SUFFIX, journal)
+        os.link(part, plan.target)          # fails if TARGET appeared meanwhile
+        os.unlink(part)
+        _sync_dir(plan.target)
+        return pending
+    except BaseException:
+        for f in (part, part + JOURNAL_SUFFIX):
+            remove_created(f, None)
+        if plan.fmt == "raw" and not os.path.exists(plan.target):
+            remove_created(journal, None)
+        raise
+
+
+def _sync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy(copy: PlannedCopy, target: CopyTarget, keep: list[tuple[int, int]] | None,
+          pending: PendingMap, store: PendingStore, interval: float) -> CopyResult:
+    """The copy, its progress made durable by a checkpointer; the target flushed."""
+    cp = Checkpointer(pending, store, target.flush, interval=interval).start()
+    try:
+        result = copy.run(target, keep, on_copied=cp.note)
+    finally:
+        cp.stop()
+    target.flush()
     return result
 
 
@@ -296,12 +418,12 @@ def _write_new(path: str, text: str, fsync: bool) -> None:
 def backup(img: Image, target: str | os.PathLike[str], *, sync: str = "full",
            bitmap: str | None = None, base: str | os.PathLike[str] | None = None,
            fmt: str = "qcow2", checksum: bool = False, order: str = "host",
-           memory: int = DEFAULT_MEMORY, workers: int = DEFAULT_WORKERS, fsync: bool = True,
+           memory: int = DEFAULT_MEMORY, workers: int = DEFAULT_WORKERS, resume: bool = False,
            progress: Callable[[int], None] | None = None,
            on_total: Callable[[int], None] | None = None) -> BackupResult:
     """:func:`plan_backup`, then :func:`run_backup`: a full or incremental backup of ``img``
     to ``target`` (see the module docstring)."""
     plan = plan_backup(img, target, sync=sync, bitmap=bitmap, base=base, fmt=fmt,
-                       checksum=checksum)
-    return run_backup(img, plan, order=order, memory=memory, workers=workers, fsync=fsync,
+                       checksum=checksum, resume=resume)
+    return run_backup(img, plan, resume=resume, order=order, memory=memory, workers=workers,
                       progress=progress, on_total=on_total)

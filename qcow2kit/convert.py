@@ -80,7 +80,7 @@ class CopySettings:
     backoff: float = DEFAULT_BACKOFF
 
 
-class _Copy:
+class PlannedCopy:
     """The copy of one conversion: its reads planned (and the source's tables checked) on
     creation, before any target is touched; :meth:`run` copies into a target.
 
@@ -125,9 +125,11 @@ class _Copy:
     def total(self) -> int:
         return self.report.total
 
-    def run(self, target: CopyTarget, keep: list[tuple[int, int]] | None = None) -> CopyResult:
+    def run(self, target: CopyTarget, keep: list[tuple[int, int]] | None = None, *,
+            on_copied: Callable[[list[tuple[int, int]]], None] | None = None) -> CopyResult:
         """Copy into ``target`` (only within ``keep``'s ranges when given); a target error
-        that stopped the copy is raised."""
+        that stopped the copy is raised.  ``on_copied`` is the engine's (a resumable
+        copy's checkpoints hear of each task written)."""
         st = self.settings
         if self.watcher is not None:
             target = TeeTarget(target, self.watcher)
@@ -140,7 +142,8 @@ class _Copy:
                 progress = self._window_progress(out.done, self.report.total, source)
             job = CopyJob(source, target, workers=st.workers, max_inflight=st.max_inflight,
                           min_sparse=st.min_sparse, rate_limit=st.rate_limit,
-                          retries=st.retries, backoff=st.backoff, progress=progress)
+                          retries=st.retries, backoff=st.backoff, progress=progress,
+                          on_copied=on_copied)
             bitmap = job.bitmap
             end = self.img.size if n is None else w + n
             bitmap.clear(0, w)
@@ -235,12 +238,12 @@ def convert_to_raw(img: Image, dst: str | os.PathLike[str], *,
     ``pending``, ``watcher`` and ``window`` are for backups (:mod:`qcow2kit.backup`):
     copy (and read) only the set bits of a copy bitmap, show the guest content to a
     second target on the way (a block hasher), copy the disk a window of guest bytes
-    at a time (see :class:`_Copy`).
+    at a time (see :class:`PlannedCopy`).
     """
     avoid = source_files(img)          # the whole chain opens, or we stop here
     settings = CopySettings(order, memory, workers, max_chunk, max_inflight, min_sparse,
                             rate_limit, retries, backoff)
-    copy = _Copy(img, settings, pending=pending, window=window, watcher=watcher,
+    copy = PlannedCopy(img, settings, pending=pending, window=window, watcher=watcher,
                  progress=progress, on_total=on_total)
     with open_raw_target(dst, img.size, avoid, existing=existing) as fd_target:
         if on_total is not None:
@@ -296,7 +299,7 @@ def convert_to_qcow2(img: Image, dst: str | os.PathLike[str], *,
     avoid = source_files(img)
     settings = CopySettings(order, memory, workers, max_chunk, max_inflight, min_sparse,
                             rate_limit, retries, backoff)
-    copy = _Copy(img, settings, pending=pending, window=window, watcher=watcher,
+    copy = PlannedCopy(img, settings, pending=pending, window=window, watcher=watcher,
                  progress=progress, on_total=on_total)
     before = check_new_target(dst, avoid)
     if existing:
@@ -330,8 +333,8 @@ def convert_to_qcow2(img: Image, dst: str | os.PathLike[str], *,
             if min_sparse == 0:
                 reserve_data(builder, keep if keep is not None else [(0, img.size)])
             else:
-                data = _data_ranges(img, memory)
-                reserve_data(builder, data if keep is None else _intersect(data, keep))
+                data = data_ranges(img, memory)
+                reserve_data(builder, data if keep is None else intersect(data, keep))
         if on_total is not None:
             on_total(copy.total)
         result = copy.run(target, keep)
@@ -349,7 +352,7 @@ def convert_to_qcow2(img: Image, dst: str | os.PathLike[str], *,
     return result
 
 
-def _data_ranges(img: Image, memory: int) -> Iterator[tuple[int, int]]:
+def data_ranges(img: Image, memory: int) -> Iterator[tuple[int, int]]:
     """The guest ranges that hold data through the chain, adjacent ones merged."""
     return merge_spans(_data_spans(img, memory))
 
@@ -392,7 +395,7 @@ def _own_spans(img: Image, unit: int, backing_size: int, memory: int
             yield a // unit * unit, min(-(-e // unit) * unit, img.size)
 
 
-def _intersect(runs: Iterator[tuple[int, int]], keep: list[tuple[int, int]]
+def intersect(runs: Iterator[tuple[int, int]], keep: list[tuple[int, int]]
                ) -> Iterator[tuple[int, int]]:
     """``runs`` within ``keep`` (both sorted)."""
     k = 0

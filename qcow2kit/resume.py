@@ -25,7 +25,7 @@ from .blockcopy.qcow2target import reserve_data
 from .blockcopy.resumable import PENDING_BITMAP, BitmapStore
 from .boolruns import true_runs
 from .builder import ImageBuilder
-from .convert import _data_ranges, _intersect
+from .convert import data_ranges, intersect
 from .errors import Qcow2Error
 from .image import Image
 
@@ -48,7 +48,7 @@ def map_qcow2_target(img: Image, dst: str, keep: Sequence[tuple[int, int]] | Non
     try:
         cs = builder.cluster_size
         ranges = list(keep) if keep is not None else [(0, img.size)]
-        reserve_data(builder, _intersect(_data_ranges(img, memory), ranges))
+        reserve_data(builder, intersect(data_ranges(img, memory), ranges))
         if backing_file is not None:
             for a, n in ranges:
                 first = a // cs
@@ -83,9 +83,11 @@ class NotResumableError(Qcow2Error):
     """The target is not an interrupted copy that can be resumed."""
 
 
-def pending_of(dst: str, fmt: str, size: int, tag: bytes) -> PendingMap:
+def pending_of(dst: str, fmt: str, size: int, tag: bytes, *,
+               backing: str | None = None) -> PendingMap:
     """The pending map of the interrupted copy into ``dst`` (:class:`NotResumableError`
-    when there is none, or it is not a copy of ``size`` bytes made with ``tag``)."""
+    when there is none, or it is not a copy of ``size`` bytes made with ``tag``; a qcow2
+    ``dst`` has no room for the tag, but must have the backing file name ``backing``)."""
     if not os.path.exists(dst):
         raise NotResumableError(f"{dst}: nothing to resume: the file does not exist",
                                 path=dst)
@@ -112,6 +114,11 @@ def pending_of(dst: str, fmt: str, size: int, tag: bytes) -> PendingMap:
         if timg.size != size:
             raise NotResumableError(f"{dst}: its size {timg.size} is not the source's {size}: "
                                     f"not the target of this copy", path=dst)
+        if timg.backing_filename != backing:
+            raise NotResumableError(f"{dst}: its backing file is "
+                                    f"{timg.backing_filename or 'none'}, not "
+                                    f"{backing or 'none'}: not the target of this copy",
+                                    path=dst)
     return pending
 
 

@@ -274,8 +274,9 @@ def _stopped(pid: int) -> bool:
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_backup_removes_what_it_created(source: Path, tmp_path: Path, sig: int,
                                                     code: int) -> None:
-    """Stopped right after the raw target was opened (the QCOW2KIT_TARGET_STOP hook), then
-    interrupted: the target is removed and no checksum file is left."""
+    """Stopped right after the raw target was created (the QCOW2KIT_TARGET_STOP hook: it is
+    made under a part name, and gets its name once its journal is on disk), then
+    interrupted: what was created is removed, no target, journal or checksum file is left."""
     dst = tmp_path / "full.raw"
     env = dict(os.environ, QCOW2KIT_TARGET_STOP="1")
     proc = subprocess.Popen([sys.executable, "-m", "qcow2kit", "backup", "-O", "raw",
@@ -286,7 +287,7 @@ def test_interrupted_backup_removes_what_it_created(source: Path, tmp_path: Path
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    assert dst.exists()
+    assert (tmp_path / ".full.raw.qcow2kit-part").exists() and not dst.exists()
     os.kill(proc.pid, sig)
     os.kill(proc.pid, signal.SIGCONT)
     out, err = proc.communicate(timeout=60)

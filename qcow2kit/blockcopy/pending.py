@@ -251,12 +251,14 @@ class Checkpointer:
         last = 0.0
         while True:
             self._wake.wait()
+            if not self._stop:
+                pause = last + self.interval - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+            self._wake.clear()
+            # (stop() sets the flag before the event: seen here, or the event is set again)
             if self._stop:
                 return
-            pause = last + self.interval - time.monotonic()
-            if pause > 0:
-                time.sleep(pause)
-            self._wake.clear()
             try:
                 self.checkpoint()
             except BaseException as exc:     # raised by stop(): the copy cannot be resumed

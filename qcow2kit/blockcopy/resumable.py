@@ -42,7 +42,8 @@ _ZERO_CHUNK = 1 << 20
 
 class MappedQcow2Target(CopyTarget):
     """Guest data written in place into the data clusters the qcow2 image at ``path``
-    already maps (see the module docstring); ``writer`` holds the image's locks.
+    already maps (see the module docstring); ``writer`` holds the image's locks;
+    ``fresh``: the image was just mapped, nothing written yet.
 
     Writing where the image maps no data cluster is an error: the image is not the
     one this copy mapped.  Zeros are made by punching holes into data clusters (the
@@ -51,12 +52,14 @@ class MappedQcow2Target(CopyTarget):
     """
 
     threadsafe = True
-    zero_initialized = False      # a resumed copy may find its own data from before
 
-    def __init__(self, img: Image, writer: ImageWriter) -> None:
+    def __init__(self, img: Image, writer: ImageWriter, *, fresh: bool = False) -> None:
         if img.header.has_data_file:
             raise Qcow2Error("a resumable copy cannot write into an image with an external "
                              "data file", path=img.filename)
+        # a fresh image reads zeros wherever nothing was written; a resumed copy may
+        # find its own data from before where the source now reads zeros
+        self.zero_initialized = fresh
         self.img = img
         self.w = writer
         self.path = img.filename or writer.path

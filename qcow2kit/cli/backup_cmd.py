@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import textwrap
+from typing import TYPE_CHECKING
 
 from .args import (EXIT_OK, CommandError, add_force_share_option, help_formatter,
-                   open_for_reading, parse_count, parse_memory)
+                   open_for_reading, parse_count, parse_memory, parse_size)
 from .render.output import emit, human_bytes, progress_bar, warning
+
+if TYPE_CHECKING:
+    from ..image import Image
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -79,11 +83,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-O", dest="output_format", choices=["qcow2", "raw"], default="qcow2",
                    help="format of a full backup: qcow2 (the default) or raw; an "
                         "incremental backup is always qcow2")
+    p.add_argument("--new-bitmap", metavar="NAME",
+                   help="start the persistent bitmap NAME on SRC before copying (it records "
+                        "the writes after this backup, for the next incremental one); the "
+                        "--bitmap one is removed once TARGET is complete and on disk")
+    p.add_argument("--resume", action="store_true",
+                   help="finish the interrupted backup TARGET (run with the same "
+                        "arguments): only what is still pending is copied")
     p.add_argument("--checksum", action="store_true",
                    help="also write TARGET.checksum: ovirt-imageio's block checksum of "
                         "SRC's guest content, computed during the copy (full backups)")
     p.add_argument("-m", dest="workers", default="8", metavar="N",
                    help="copy workers: reads and writes in flight (1 to 64, default 8)")
+    p.add_argument("-r", dest="rate_limit", default="0", metavar="RATE",
+                   help="read at most RATE bytes per second (k, M, G suffixes; 0, the "
+                        "default, means no limit), to spare a disk that is in use")
     p.add_argument("-p", dest="progress", action="store_true",
                    help="show a progress bar of the data read and written, then a "
                         "summary line")
@@ -95,8 +109,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _new_bitmap_needed(img: "Image", name: str | None, resume: bool) -> bool:
+    """Whether bitmap ``name`` must be started; refused when it exists (unless a resumed
+    backup started it)."""
+    if name is None:
+        return False
+    if any(b.name == name for b in img.bitmaps):
+        if resume:
+            return False
+        raise CommandError(f"--new-bitmap: {img.filename} already has a bitmap '{name}'")
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..backup import plan_backup, run_backup
+    from ..backup import interrupted, plan_backup, run_backup
+    from ..bitmapedit import add_bitmap, remove_bitmap
     from ..blockcopy import MAX_WORKERS
 
     if args.src is None or args.target is None:
@@ -106,20 +133,38 @@ def run(args: argparse.Namespace) -> int:
         sync = "incremental" if args.bitmap is not None or args.base is not None else "full"
     workers = parse_count(args.workers, "number of workers (-m)", 1, MAX_WORKERS)
     memory = parse_memory(args.memory)
+    rate = parse_size(args.rate_limit, "rate limit (-r)")
+    if args.new_bitmap is not None and args.force_share:
+        raise CommandError("--new-bitmap writes to SRC: it cannot be used with -U")
     with open_for_reading(args.src, force_share=args.force_share) as img:
         try:
             plan = plan_backup(img, args.target, sync=sync, bitmap=args.bitmap,
                                base=args.base, fmt=args.output_format,
-                               checksum=args.checksum)
+                               checksum=args.checksum, resume=args.resume)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
-        if plan.fallback is not None:
-            warning(f"taking a full backup instead of an incremental one: {plan.fallback}")
-        incremental = plan.mode == "incremental"
-        with progress_bar(enabled=args.progress, what="backed up: read and wrote",
-                          of_size=None if incremental else img.size) as bar:
-            result = run_backup(img, plan, memory=memory, workers=workers, progress=bar,
+        start_new = _new_bitmap_needed(img, args.new_bitmap, args.resume)
+    if plan.fallback is not None:
+        warning(f"taking a full backup instead of an incremental one: {plan.fallback}")
+    if start_new:
+        # before the copy: every write from now on is in it (the old one retires after)
+        add_bitmap(args.src, args.new_bitmap)
+    incremental = plan.mode == "incremental"
+    try:
+        with open_for_reading(args.src, force_share=args.force_share) as img, \
+                progress_bar(enabled=args.progress, what="backed up: read and wrote",
+                             of_size=None if incremental else img.size) as bar:
+            result = run_backup(img, plan, resume=args.resume, memory=memory,
+                                workers=workers, rate_limit=rate or None, progress=bar,
                                 on_total=bar.start)
+    except BaseException:
+        if interrupted(args.target, plan.fmt):
+            warning(f"{args.target} is kept, incomplete: run the same command with --resume "
+                    f"to finish it")
+        raise
+    if args.new_bitmap is not None and args.bitmap is not None \
+            and args.bitmap != args.new_bitmap:
+        remove_bitmap(args.src, args.bitmap)       # TARGET is complete and on disk
     if incremental:
         emit(f"incremental backup of {args.src} to {args.target} (backing file "
              f"{plan.backing_file}): {human_bytes(plan.dirty_bytes)} dirty in bitmap "
