@@ -279,6 +279,7 @@ def run_backup(img: Image, plan: BackupPlan, *, resume: bool = False,
     tag = _tag(img, plan)
     bits: CopyBitmap | None
     if resume:
+        _drop_linked_part(plan.target)
         pending: PendingMap | None = pending_of(plan.target, plan.fmt, img.size, tag,
                                                 backing=plan.backing_file)
         assert pending is not None
@@ -377,6 +378,18 @@ def _make_target(img: Image, plan: BackupPlan, keep: list[tuple[int, int]] | Non
         if plan.fmt == "raw" and not os.path.exists(plan.target):
             remove_created(journal, None)
         raise
+
+
+def _drop_linked_part(target: str) -> None:
+    """A kill between linking the target to its name and removing the part name leaves
+    both names: drop the part name."""
+    part = part_name(target)
+    try:
+        a, b = os.stat(part), os.stat(target)
+    except OSError:
+        return
+    if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+        os.unlink(part)
 
 
 def _sync_dir(path: str) -> None:
