@@ -71,7 +71,7 @@ class CopyResult:
     done: int = 0
     copied: int = 0           # guest bytes of data copied (read, and written or found zero)
     written: int = 0          # bytes written to the target as data
-    reads: int = 0            # reads issued to the source (attempts)
+    reads: int = 0            # preads issued to the source (attempts)
     retries: int = 0
     discarded: int = 0
     peak_inflight: int = 0    # the most buffer bytes in flight at once
@@ -414,7 +414,7 @@ class CopyJob:
             raise
         finally:
             with self._cond:
-                self.result.reads += 1
+                self.result.reads += read.preads
         writes, zeros = split_segments(data, task.segments, self.sparse)
         if self.target.zero_initialized:
             zeros = []
