@@ -116,9 +116,12 @@ def _zero_digest(block_size: int) -> bytes:
     return d
 
 
-def combine(digests: Iterable[bytes], block_size: int = BLOCK_SIZE) -> dict[str, object]:
-    """ovirt-imageio's result from the block digests in guest order."""
-    outer = hashlib.blake2b(digest_size=DIGEST_SIZE)
+def combine(digests: Iterable[bytes], block_size: int = BLOCK_SIZE,
+            outer: hashlib.blake2b | None = None) -> dict[str, object]:
+    """ovirt-imageio's result from the block digests in guest order (``outer``: the hash
+    of the digests before these, when they come in several parts)."""
+    if outer is None:
+        outer = hashlib.blake2b(digest_size=DIGEST_SIZE)
     for d in digests:
         outer.update(d)
     return {"algorithm": ALGORITHM, "block_size": block_size, "checksum": outer.hexdigest()}
@@ -187,7 +190,7 @@ def checksum(img: Image, *, block_size: int = BLOCK_SIZE, order: str = "host",
     source_files(img)        # every file of the chain opens and can be read (not encrypted)
     size = img.size
     window = max(block_size, (memory if window is None else window) // block_size * block_size)
-    digests: list[bytes] = []
+    outer = hashlib.blake2b(digest_size=DIGEST_SIZE)    # the digests so far, in order
     for w in range(0, size, window):
         w_end = min(w + window, size)
         first = w // block_size
@@ -208,7 +211,8 @@ def checksum(img: Image, *, block_size: int = BLOCK_SIZE, order: str = "host",
             raise result.stopped
         if any(d is None for d in hasher.digests):   # pragma: no cover - the engine's bug
             raise AssertionError(f"a block of window {w:#x} was never completed")
-        digests += hasher.finish()
+        for d in hasher.finish():
+            outer.update(d)
         if progress is not None:
             progress(w_end - w)
-    return combine(digests, block_size)
+    return combine((), block_size, outer)
