@@ -274,6 +274,7 @@ class GuestOrderReads(HostOrderReads):
         self._specs = read_specs(self.plan)
         return self.total
 
+
 def read_source(img: Image, order: str = "host", *, memory: int = DEFAULT_MEMORY,
                 max_chunk: int = DEFAULT_CHUNK, start: int = 0,
                 length: int | None = None) -> ReadSource:
