@@ -8,6 +8,10 @@ qcow2kit reads it in host order with the block-copy engine.  The two checksums
 must be equal (checked once more after the timed runs).
 
     python -m bench.checksum_bench --workdir /tmp -n 3 [--markdown FILE] [--json FILE]
+
+``--baseline DIR`` adds a third command in the same rotation: ``qcow2kit checksum``
+run with ``PYTHONPATH=DIR`` (another checkout, e.g. ``git archive`` of an older
+commit), for before/after figures measured under the same conditions.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", "--repeat", type=int, default=3, help="runs per command (3)")
     p.add_argument("--scale", default="1", help="fraction of the 4 GiB image, e.g. 1/64")
     p.add_argument("--warm", action="store_true", help="do not drop the page cache")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="also time qcow2kit from this source tree (PYTHONPATH=DIR)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--markdown", metavar="FILE")
     args = p.parse_args(argv)
@@ -57,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         kit = ob.kit_command(None)
         tools = {"ovirt-imageio": [sys.executable, "-c", OVIRT, str(img)],
                  "qcow2kit": [*kit, "checksum", str(img)]}
+        if args.baseline:
+            tools["qcow2kit (baseline)"] = ["env", f"PYTHONPATH={Path(args.baseline).resolve()}",
+                                            sys.executable, "-P", "-m", "qcow2kit", "checksum",
+                                            str(img)]
         runs, caches = cold_rotation(tools, {}, args.repeat, work, args.warm, "checksum", log)
         values = {}
         for name, cmd in tools.items():
@@ -67,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, Any] = {
             "image_bytes": size, "repeat": args.repeat, "cache": sorted(caches),
             "summary": summ, "runs": runs, "values": values,
-            "equal": values["qcow2kit"] is not None
-            and values["ovirt-imageio"] == values["qcow2kit"],
+            "equal": all(v is not None and v == values["ovirt-imageio"]
+                         for v in values.values()),
             "ratio": ratio(summ["qcow2kit"]["wall_s"]["median"],
                            summ["ovirt-imageio"]["wall_s"]["median"]),
             "per_rep": per_rep_ratios(runs, "qcow2kit", "ovirt-imageio"),
@@ -85,6 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", f"qcow2kit / ovirt-imageio: **{report['ratio']:.2f}×** (per repetition "
                   f"{', '.join(f'{x:.2f}' for x in report['per_rep'])}); checksums equal: "
                   f"{report['equal']} ({values['qcow2kit']})"]
+        if args.baseline:
+            base = "qcow2kit (baseline)"
+            report["baseline_ratio"] = ratio(summ[base]["wall_s"]["median"],
+                                             summ["ovirt-imageio"]["wall_s"]["median"])
+            report["baseline_per_rep"] = per_rep_ratios(runs, base, "ovirt-imageio")
+            lines.append(f"baseline ({args.baseline}) / ovirt-imageio: "
+                         f"{report['baseline_ratio']:.2f}× (per repetition "
+                         f"{', '.join(f'{x:.2f}' for x in report['baseline_per_rep'])})")
         text = "\n".join(lines) + "\n"
         print(text)
         if args.markdown:

@@ -43,7 +43,7 @@ from . import spec
 from .blockcopy import DEFAULT_WORKERS, CopyBitmap, CopyResult, CopyTarget, RawFileTarget
 from .blockcopy.pending import Checkpointer, JournalStore, PendingMap, PendingStore
 from .blockcopy.resumable import PENDING_BITMAP, BitmapStore, MappedQcow2Target
-from .checksum import DEFAULT_WINDOW, block_hasher, hasher_checksum
+from .checksum import BLOCK_SIZE, BlockHasher, HashingTarget, combine
 from .convert import CopySettings, PlannedCopy, incomplete_error
 from .createopts import CreateError, backing_virtual_size
 from .errors import (BitmapNotFoundError, BitmapUnusableError, CorruptImageError, Qcow2Error,
@@ -256,7 +256,7 @@ def plan_backup(img: Image, target: str | os.PathLike[str], *, sync: str = "full
 # ---------------------------------------------------------------------------- the copy
 
 def run_backup(img: Image, plan: BackupPlan, *, resume: bool = False,
-               checksum_window: int = DEFAULT_WINDOW, order: str = "host",
+               checksum_window: int | None = None, order: str = "host",
                memory: int = DEFAULT_MEMORY, workers: int = DEFAULT_WORKERS,
                checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
                rate_limit: int | None = None,
@@ -274,8 +274,10 @@ def run_backup(img: Image, plan: BackupPlan, *, resume: bool = False,
     order), so the blocks being hashed stay within about a window of memory.  On return
     the target is complete and on disk.
     """
-    hasher: CopyTarget | None = block_hasher(img.size) if plan.checksum_path else None
-    window = checksum_window if hasher is not None else None
+    hasher = BlockHasher(img.size) if plan.checksum_path else None
+    # the blocks being hashed are those of one window: within the memory budget
+    window = (max(BLOCK_SIZE, (checksum_window or memory) // BLOCK_SIZE * BLOCK_SIZE)
+              if hasher is not None else None)
     tag = _tag(img, plan)
     bits: CopyBitmap | None
     if resume:
@@ -292,7 +294,8 @@ def run_backup(img: Image, plan: BackupPlan, *, resume: bool = False,
     keep = None if bits is None else list(bits.iter_runs())
     settings = CopySettings(order=order, memory=memory, workers=workers, rate_limit=rate_limit)
     # planned (every table of the source checked) before the target is touched
-    copy = PlannedCopy(img, settings, pending=bits, window=window, watcher=hasher,
+    copy = PlannedCopy(img, settings, pending=bits, window=window,
+                       watcher=HashingTarget(hasher) if hasher is not None else None,
                        progress=progress, on_total=on_total)
     if pending is None:
         pending = _make_target(img, plan, keep, tag, memory)
@@ -314,7 +317,7 @@ def run_backup(img: Image, plan: BackupPlan, *, resume: bool = False,
     finish_pending(plan.target, plan.fmt)
     out = BackupResult(plan, result, files=[plan.target])
     if hasher is not None and plan.checksum_path is not None:
-        out.checksum = hasher_checksum(hasher)
+        out.checksum = combine(hasher.finish(), BLOCK_SIZE)
         _write_new(plan.checksum_path, json.dumps(out.checksum) + "\n", True)
         out.files.append(plan.checksum_path)
     return out

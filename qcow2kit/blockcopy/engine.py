@@ -71,7 +71,7 @@ class CopyResult:
     done: int = 0
     copied: int = 0           # guest bytes of data copied (read, and written or found zero)
     written: int = 0          # bytes written to the target as data
-    reads: int = 0            # reads issued to the source (attempts)
+    reads: int = 0            # preads issued to the source (attempts)
     read_bytes: int = 0       # bytes those reads returned (the I/O count tests assert on)
     retries: int = 0
     discarded: int = 0
@@ -423,7 +423,7 @@ class CopyJob:
             raise
         finally:
             with self._cond:
-                self.result.reads += 1
+                self.result.reads += read.preads
                 if data is not None:
                     self.result.read_bytes += len(data)
         writes, zeros = split_segments(data, task.segments, self.sparse)

@@ -2,8 +2,11 @@
 
 A *read* (:class:`Read`) is one request to the source: one pread (a
 :class:`qcow2kit.hostorder.ReadSpec` of a planner, a compressed stream
-included).  It knows, before it is issued, which guest ranges its bytes
-belong to.
+included), or several consecutive preads of the plan issued one after the
+other into one buffer of at most ``max_chunk`` bytes (a fragmented image has
+a pread per cluster or so: grouped, a task carries as many bytes as on an
+unfragmented image, and the engine's per-task work is paid once per group).
+It knows, before it is issued, which guest ranges its bytes belong to.
 
 A *task* (:class:`Task`) is a read plus the guest ranges it still has to
 copy: the runs of set bits of the copy bitmap inside the read's ranges,
@@ -14,7 +17,7 @@ nothing.
 The reads come from the host-order planner (:class:`qcow2kit.hostorder.HostOrderPlan`,
 a valid reverse map when there is one) or, in guest order, from the L2 scan
 unsorted (:class:`qcow2kit.hostorder.GuestOrderPlan`); either way no longer
-than ``max_chunk``.
+than ``max_chunk``, and grouped up to ``max_chunk`` in the plan's order.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ class Read:
     fetch: Callable[[], memoryview]
     #: ``split(size)``: the same bytes as reads of at most ``size`` bytes (None: one stream)
     split: Callable[[int], list["Read"]] | None = None
+    #: the preads ``fetch()`` issues (I/O counts)
+    preads: int = 1
 
 
 @dataclass
@@ -183,7 +188,11 @@ class ReadSource:
 
 
 class HostOrderReads(ReadSource):
-    """The planner's preads (:func:`qcow2kit.hostorder.read_specs`): each file front to back."""
+    """The planner's preads (:func:`qcow2kit.hostorder.read_specs`): each file front to back.
+
+    Consecutive preads are grouped into one read of at most ``max_chunk`` bytes (its
+    preads issued one after the other by the worker), so tasks stay as large on a
+    fragmented image as on an unfragmented one."""
 
     order = "host"
 
@@ -201,48 +210,6 @@ class HostOrderReads(ReadSource):
                       else self.data_bytes() if want_total else 0)
         self._specs: Iterator[ReadSpec] = (itertools.chain([first], specs) if first is not None
                                            else iter(()))
-        return self.total
-
-    def __iter__(self) -> Iterator[Read]:
-        for spec in self._specs:
-            yield self._read(spec)
-
-    def _read(self, spec: ReadSpec) -> Read:
-        plan = self.plan
-        pieces = spec_pieces(plan, spec)
-        cost = spec.length + (sum(n for _, n, _ in pieces) if spec.compressed else 0)
-        return Read(pieces, cost, functools.partial(read_spec, plan, spec),
-                    None if spec.compressed else functools.partial(self._split, spec))
-
-    def _split(self, spec: ReadSpec, size: int) -> list[Read]:
-        out = []
-        for pos in range(0, spec.length, size):
-            sub = ReadSpec(spec.file, spec.host + pos, min(size, spec.length - pos), False,
-                           spec.runs)
-            read = self._read(sub)
-            if read.pieces:
-                out.append(read)
-        return out
-
-
-class GuestOrderReads(HostOrderReads):
-    """Guest order (:class:`qcow2kit.hostorder.GuestOrderPlan`): the chain's data runs in
-    guest sequence, read in parallel as in host order (not through the chain's caches).
-
-    A fragmented image has one host-contiguous pread per cluster or so in guest order;
-    consecutive preads are grouped into one read of at most ``max_chunk`` bytes (its
-    preads issued one after the other by the worker), so tasks stay as large as in host
-    order."""
-
-    order = "guest"
-
-    def start(self, want_total: bool = True) -> int:
-        self.started = True
-        self.plan = GuestOrderPlan(self.img, self.range_start, self.range_length,
-                                   memory=self.memory, max_request=self.max_chunk,
-                                   only=self.only)
-        self.total = self.data_bytes()     # validates every table on the way
-        self._specs = read_specs(self.plan)
         return self.total
 
     def __iter__(self) -> Iterator[Read]:
@@ -269,7 +236,7 @@ class GuestOrderReads(HostOrderReads):
             pieces += [(g, n, at + a) for g, n, a in spec_pieces(self.plan, spec)]
             at += spec.length
         return Read(pieces, at, functools.partial(self._fetch_group, specs, at),
-                    functools.partial(self._split_group, specs))
+                    functools.partial(self._split_group, specs), len(specs))
 
     def _fetch_group(self, specs: list[ReadSpec], total: int) -> memoryview:
         mv = memoryview(bytearray(total))
@@ -281,6 +248,40 @@ class GuestOrderReads(HostOrderReads):
 
     def _split_group(self, specs: list[ReadSpec], size: int) -> list[Read]:
         return [read for spec in specs for read in self._split(spec, size)]
+
+    def _read(self, spec: ReadSpec) -> Read:
+        plan = self.plan
+        pieces = spec_pieces(plan, spec)
+        cost = spec.length + (sum(n for _, n, _ in pieces) if spec.compressed else 0)
+        return Read(pieces, cost, functools.partial(read_spec, plan, spec),
+                    None if spec.compressed else functools.partial(self._split, spec))
+
+    def _split(self, spec: ReadSpec, size: int) -> list[Read]:
+        out = []
+        for pos in range(0, spec.length, size):
+            sub = ReadSpec(spec.file, spec.host + pos, min(size, spec.length - pos), False,
+                           spec.runs)
+            read = self._read(sub)
+            if read.pieces:
+                out.append(read)
+        return out
+
+
+class GuestOrderReads(HostOrderReads):
+    """Guest order (:class:`qcow2kit.hostorder.GuestOrderPlan`): the chain's data runs in
+    guest sequence, read in parallel and grouped as in host order (not through the
+    chain's caches)."""
+
+    order = "guest"
+
+    def start(self, want_total: bool = True) -> int:
+        self.started = True
+        self.plan = GuestOrderPlan(self.img, self.range_start, self.range_length,
+                                   memory=self.memory, max_request=self.max_chunk,
+                                   only=self.only)
+        self.total = self.data_bytes()     # validates every table on the way
+        self._specs = read_specs(self.plan)
+        return self.total
 
 
 def read_source(img: Image, order: str = "host", *, memory: int = DEFAULT_MEMORY,

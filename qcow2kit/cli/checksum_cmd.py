@@ -27,8 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             The stored data is read in host order (each file of the chain front to
             back) by the block-copy engine; each block is hashed as soon as all of it
             is read, and the block digests are combined in guest order.  The guest
-            disk is taken in windows (--window) so that memory stays bounded however
-            the image is fragmented.
+            disk is taken in windows (--window; by default the memory budget,
+            --memory) so that memory stays bounded however the image is fragmented.
             """),
         epilog=textwrap.dedent("""\
             examples:
@@ -37,12 +37,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             """))
     p.add_argument("--block-size", default="4M", metavar="SIZE",
                    help="block size (a multiple of 4096; default 4M, ovirt-imageio's)")
-    p.add_argument("--window", default="256M", metavar="SIZE",
-                   help="guest bytes gathered at once (whole blocks; default 256M)")
+    p.add_argument("--window", default=None, metavar="SIZE",
+                   help="guest bytes gathered at once (whole blocks; default: the memory "
+                        "budget)")
     p.add_argument("--order", choices=["host", "guest"], default="host",
                    help="read the stored data in host order (default) or guest order")
     p.add_argument("--memory", default="32M", metavar="SIZE",
-                   help="memory budget for planning the host-order reads (default 32M)")
+                   help="memory budget for planning the reads and for the blocks "
+                        "gathered at once (default 32M)")
     p.add_argument("-m", dest="workers", default="8", metavar="N",
                    help="reads in flight (1 to 64, default 8)")
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if block <= 0 or block % 4096:
         raise OptionError(f"invalid block size {args.block_size!r}: must be a positive "
                           f"multiple of 4096")
-    window = parse_size(args.window, "window")
+    window = parse_size(args.window, "window") if args.window is not None else None
     memory = parse_memory(args.memory)
     workers = parse_count(args.workers, "number of reads in flight (-m)", 1, MAX_WORKERS)
     with open_for_reading(args.filename, force_share=args.force_share) as img:
