@@ -76,6 +76,21 @@ def format_specific(img: Image) -> dict[str, Any]:
     return {"type": "qcow2", "data": data}
 
 
+def snapshot_info(img: Image) -> list[dict[str, Any]]:
+    """The internal snapshots as ``qemu-img info --output=json`` lists them."""
+    out: list[dict[str, Any]] = []
+    for sn in img.snapshots:
+        s: dict[str, Any] = {
+            "icount": sn.icount, "vm-clock-nsec": sn.vm_clock_nsec % 1_000_000_000,
+            "name": sn.name, "date-sec": sn.date_sec, "date-nsec": sn.date_nsec,
+            "vm-clock-sec": sn.vm_clock_nsec // 1_000_000_000, "id": sn.id,
+            "vm-state-size": sn.vm_state_size}
+        if s["icount"] is None:
+            del s["icount"]
+        out.append(s)
+    return out
+
+
 def image_info(img: Image | RawImage) -> dict[str, Any]:
     """``qemu-img info --output=json`` for one image."""
     info: dict[str, Any] = {"virtual-size": img.size, "filename": img.filename,
@@ -88,15 +103,7 @@ def image_info(img: Image | RawImage) -> dict[str, Any]:
         return info
     h = img.header
     if img.snapshots:
-        info["snapshots"] = [{
-            "icount": sn.icount, "vm-clock-nsec": sn.vm_clock_nsec % 1_000_000_000,
-            "name": sn.name, "date-sec": sn.date_sec, "date-nsec": sn.date_nsec,
-            "vm-clock-sec": sn.vm_clock_nsec // 1_000_000_000, "id": sn.id,
-            "vm-state-size": sn.vm_state_size,
-        } for sn in img.snapshots]
-        for s in info["snapshots"]:
-            if s["icount"] is None:
-                del s["icount"]
+        info["snapshots"] = snapshot_info(img)
     info["cluster-size"] = img.cluster_size
     actual = _actual_size(img.filename)
     if actual is not None:

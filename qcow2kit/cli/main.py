@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 from .. import __version__
 from ..errors import Qcow2Error
 from . import (backup_cmd, bench_cmd, bitmap_cmd, checksum_cmd, convert_cmd, create_cmd, demo_cmd,
-               info_cmd, map_cmd, rmap_cmd)
+               dump_cmd, info_cmd, map_cmd, rmap_cmd, snapshot_cmd)
 from .args import (EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM, add_common_options, CommandError,
                    help_formatter, OptionError, Parser, Terminated, UsageError)
 from .args import run_showing_warnings
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     rmap_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)
     create_cmd.add_parser(sub)
+    snapshot_cmd.add_parser(sub)
+    dump_cmd.add_parser(sub)
     for leaf in _leaf_parsers(parser):
         if leaf is not parser:
             add_common_options(leaf)
