@@ -1,8 +1,10 @@
-"""Full and incremental backups of a qcow2 image, offline, on the block-copy engine.
+"""Full and incremental backups of a qcow2 image, offline, on the block-copy engine;
+resumable.
 
-- full: the guest content as a new qcow2 image (or a raw file), exactly what
-  :func:`qcow2kit.convert.convert_to_qcow2` / :func:`~qcow2kit.convert.convert_to_raw`
-  write: read in host order, written unfragmented (clusters reserved in guest order);
+- full: the guest content as a new qcow2 image (or a raw file), read in host order and
+  written unfragmented: every cluster that holds data in the source is allocated in
+  guest order before the copy starts (one that turns out to hold only zeros stays
+  allocated, over a hole of the file);
 - incremental: a new qcow2 overlay whose backing file is the previous backup and which
   holds exactly the clusters a persistent dirty bitmap of the source marks (its ranges
   rounded out to the overlay's clusters, the overlay's cluster size being the
@@ -12,9 +14,17 @@
 
 :func:`plan_backup` checks everything first (the bitmap, the base, the target) and
 says which kind of backup runs, and why a ``sync="auto"`` request fell back to a full
-one; :func:`run_backup` then copies, :func:`backup` does both.  The copy itself is one
-call, given the copy bitmap of what is to be copied (:attr:`BackupPlan.pending`, None
-for everything): a resumed backup passes what is still pending.
+one; :func:`run_backup` then copies, :func:`backup` does both.
+
+Resumable: the target is made complete in its metadata before the copy
+(:mod:`qcow2kit.resume`), under a part name, with the pending bits of everything to
+copy (a disabled persistent bitmap of the target, or ``TARGET.pending`` beside a raw
+one), and gets its name only then.  The copy makes its progress durable as it goes
+(:class:`~qcow2kit.blockcopy.pending.Checkpointer`: the target flushed, then the done
+bits cleared), so after a kill, a failure or ^C the target is kept and ``resume``
+copies only what is still pending (plus at most what finished in the last
+``checkpoint_interval`` seconds); the pending bits are removed once the target is
+complete and on disk.
 
 A bitmap can drive an incremental backup only when it records every write since the
 previous backup: one marked in use (QEMU sets the flag while it has the image open and
@@ -299,6 +309,8 @@ def run_backup(img: Image, plan: BackupPlan, *, resume: bool = False,
                        progress=progress, on_total=on_total)
     if pending is None:
         pending = _make_target(img, plan, keep, tag, memory)
+    if on_total is not None:
+        on_total(copy.total)                 # the bar starts now that the copy starts
     if plan.fmt == "raw":
         with open_raw_target(plan.target, img.size, source_files(img), existing=True) as rt:
             target: CopyTarget = RawFileTarget(rt.fd, plan.target, img.size,

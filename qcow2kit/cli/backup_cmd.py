@@ -51,19 +51,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
             Everything (the source and its tables, the bitmap, PREVIOUS) is checked
             before TARGET is created; an existing TARGET (or TARGET.checksum) is refused,
-            never overwritten.  A backup that fails or is interrupted (exit 130 on ^C,
-            143 on SIGTERM) removes the files it created.  TARGET is flushed to disk
-            before the command returns.
+            never overwritten.  TARGET is made under a hidden part name and gets its name
+            once its metadata and the bits of what is still to copy are on disk (a qcow2
+            TARGET keeps them in a disabled persistent bitmap, qcow2kit-copy-pending, a
+            raw one in TARGET.pending); the copy keeps those bits up to date, once a
+            second.  A backup that is killed, fails or is interrupted (exit 130 on ^C,
+            143 on SIGTERM) keeps TARGET: run the same command with --resume to copy what
+            is still pending.  A backup killed before TARGET got its name leaves nothing
+            to resume; run it again.  TARGET is flushed to disk before the command
+            returns.
+
+            --new-bitmap NAME starts the bitmap NAME on SRC before the copy (every write
+            after the backup is in it, for the next incremental one) and, once TARGET is
+            complete and on disk, removes the --bitmap one: no write is lost between two
+            backups.
             """),
         epilog=textwrap.dedent("""\
-            A cycle (the bitmap made before the first backup; a VM writes in between):
-              qemu-img bitmap --add disk.qcow2 since-full
-              qcow2kit backup disk.qcow2 full.qcow2
-              qcow2kit backup --bitmap since-full --base full.qcow2 disk.qcow2 inc1.qcow2
-              qcow2kit backup --bitmap since-full --base inc1.qcow2 disk.qcow2 inc2.qcow2
-            here each incremental holds what changed since the full backup's bitmap was
-            started, so rather clear it (qemu-img bitmap --clear) after each backup; then
-            qemu-img compare inc2.qcow2 disk.qcow2 says they are identical.
+            A cycle (a VM writes in between; each backup starts the next bitmap):
+              qcow2kit backup --new-bitmap b1 disk.qcow2 full.qcow2
+              qcow2kit backup --bitmap b1 --new-bitmap b2 --base full.qcow2 disk.qcow2 inc1.qcow2
+              qcow2kit backup --bitmap b2 --new-bitmap b3 --base inc1.qcow2 disk.qcow2 inc2.qcow2
+            then qemu-img compare inc2.qcow2 disk.qcow2 says they are identical.  After a
+            kill or ^C, the same command with --resume finishes the backup.
 
             more examples:
               qcow2kit backup -O raw --checksum disk.qcow2 disk.raw
