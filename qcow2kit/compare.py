@@ -27,16 +27,16 @@ The first differing byte of the first window that has one gives the offset.
 
 from __future__ import annotations
 
-import bisect
+import functools
 import os
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 
 from . import spec
-from .blockcopy import DEFAULT_CHUNK, DEFAULT_WORKERS, CopyJob, CopyTarget, read_source
+from .blockcopy import DEFAULT_CHUNK, CopyJob, CopyTarget, read_source
 from .errors import CopyIncompleteError
 from .image import Image, RawImage
 from .image.chain import FLAG_DATA, FLAG_OFFSET, FLAG_PRESENT, FLAG_ZERO
@@ -46,8 +46,10 @@ from .source import open_source
 
 SECTOR = 512
 DEFAULT_WINDOW = 128 << 20
+#: reads in flight for a qcow2 image: a window's clusters lie all over a fragmented file
+WORKERS = 16
 #: bytes read from a raw file at once
-RAW_CHUNK = 1 << 20
+RAW_CHUNK = 4 << 20
 #: guest bytes whose block status is compared at once in strict mode
 STATUS_WINDOW = 256 << 20
 
@@ -160,18 +162,6 @@ class _Window(CopyTarget):
     def write_zeroes(self, offset: int, length: int, *, allocate: bool = False) -> None:
         pass
 
-    def data_ranges(self) -> tuple[list[int], list[int]]:
-        """Sorted, merged starts and ends of the data pieces."""
-        starts: list[int] = []
-        ends: list[int] = []
-        for a, n in sorted(self.pieces):
-            if ends and a <= ends[-1]:
-                ends[-1] = max(ends[-1], a + n)
-            else:
-                starts.append(a)
-                ends.append(a + n)
-        return starts, ends
-
 
 def _first_diff(a: memoryview | bytearray, b: memoryview | bytes) -> int | None:
     """Index of the first byte where ``a`` and ``b`` (same length) differ, or None."""
@@ -195,50 +185,43 @@ def _first_nonzero(a: memoryview | bytearray) -> int | None:
     return None
 
 
-class _Checker(CopyTarget):
-    """Receives the second image's bytes of a window and compares them with the first's
-    (:class:`_Window`), keeping the lowest guest offset that differs."""
+def _merged(pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(start, end)`` of the union of ``(offset, length)`` pieces, sorted."""
+    out: list[tuple[int, int]] = []
+    for a, n in sorted(pieces):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], a + n))
+        else:
+            out.append((a, a + n))
+    return out
 
-    zero_initialized = False      # zeros are reported too: the first image may hold data there
-    threadsafe = True
 
-    def __init__(self, size: int, first: _Window) -> None:
-        self.size = size
-        self.first = first
-        self.starts, self.ends = first.data_ranges()
-        self.diff: int | None = None
-        self._lock = threading.Lock()
-
-    def _found(self, offset: int) -> None:
-        with self._lock:
-            if self.diff is None or offset < self.diff:
-                self.diff = offset
-
-    def write(self, offset: int, data: memoryview) -> None:
-        at = offset - self.first.start
-        d = _first_diff(memoryview(self.first.buf)[at:at + len(data)], data)
+def _first_difference(first: _Window, second: _Window, lo: int, hi: int) -> int | None:
+    """The first guest offset of ``[lo, hi)`` where two windows differ (only where one of
+    them holds data: elsewhere both are zeros)."""
+    base = first.start
+    x, y = memoryview(first.buf), memoryview(second.buf)
+    for a, b in _merged(first.pieces + second.pieces):
+        a, b = max(a, lo), min(b, hi)
+        if a >= b:
+            continue
+        d = _first_diff(x[a - base:b - base], y[a - base:b - base])
         if d is not None:
-            self._found(offset + d)
+            return a + d
+    return None
 
-    def write_zeroes(self, offset: int, length: int, *, allocate: bool = False) -> None:
-        d = self.first_data_nonzero(offset, offset + length)
+
+def _first_nonzero_data(win: _Window, lo: int, hi: int) -> int | None:
+    """The first guest offset of ``[lo, hi)`` in a window that is not zero."""
+    x = memoryview(win.buf)
+    for a, b in _merged(win.pieces):
+        a, b = max(a, lo), min(b, hi)
+        if a >= b:
+            continue
+        d = _first_nonzero(x[a - win.start:b - win.start])
         if d is not None:
-            self._found(d)
-
-    def first_data_nonzero(self, lo: int, hi: int) -> int | None:
-        """The first non-zero byte of the first image in ``[lo, hi)`` (only its data is
-        looked at: the rest is zeros)."""
-        i = max(0, bisect.bisect_right(self.ends, lo))
-        buf = memoryview(self.first.buf)
-        base = self.first.start
-        while i < len(self.starts) and self.starts[i] < hi:
-            a, b = max(lo, self.starts[i]), min(hi, self.ends[i])
-            if b > a:
-                d = _first_nonzero(buf[a - base:b - base])
-                if d is not None:
-                    return a + d
-            i += 1
-        return None
+            return a + d
+    return None
 
 
 def _run_job(img: Image, target: CopyTarget, start: int, end: int, *, memory: int,
@@ -284,27 +267,32 @@ def _raw_regions(img: RawImage, start: int, end: int) -> Iterator[tuple[int, int
         pos = h
 
 
-def _feed_raw(img: RawImage, target: CopyTarget, start: int, end: int) -> None:
-    """Hand ``[start, end)`` of a raw file to ``target``: data regions read front to back,
-    holes (and what lies past the end of the file) as zeros."""
-    buf = bytearray(min(RAW_CHUNK, max(end - start, 1)))
-    mv = memoryview(buf)
+def _load_raw(img: RawImage, win: _Window, start: int, end: int) -> None:
+    """Read the data regions of ``[start, end)`` of a raw file into ``win``, front to back
+    (its holes, and what lies past its end, stay zeros)."""
+    buf = memoryview(win.buf)
     for off, n, data in _raw_regions(img, start, end):
         if not data:
-            target.write_zeroes(off, n)
             continue
         for pos in range(off, off + n, RAW_CHUNK):
             k = min(RAW_CHUNK, off + n - pos)
-            img.src.readinto_at(pos, mv[:k], field="raw data")
-            target.write(pos, mv[:k])
+            img.src.readinto_at(pos, buf[pos - win.start:pos - win.start + k],
+                                field="raw data")
+        win.pieces.append((off, n))
 
 
-def _feed(img: AnyImage, target: CopyTarget, start: int, end: int, *, memory: int,
-          workers: int) -> None:
+def _load(img: AnyImage, start: int, end: int, *, memory: int, workers: int) -> _Window:
+    """The guest bytes of ``[start, end)`` (and on to the next 1 MiB) of ``img``: its data
+    read (a qcow2 image in host order), zeros elsewhere.  ``start`` must be a multiple of
+    1 MiB."""
+    # read up to a whole 1 MiB (or the end of the disk): a read job must not cut a cluster
+    stop = min(guest_size(img), -(-end // DEFAULT_CHUNK) * DEFAULT_CHUNK)
+    win = _Window(guest_size(img), start, stop)
     if isinstance(img, RawImage):
-        _feed_raw(img, target, start, end)
+        _load_raw(img, win, start, stop)
     else:
-        _run_job(img, target, start, end, memory=memory, workers=workers)
+        _run_job(img, win, start, stop, memory=memory, workers=workers)
+    return win
 
 
 def _sector(offset: int, odd_ends: list[int]) -> int:
@@ -409,7 +397,7 @@ def first_status_mismatch(a: AnyImage, b: AnyImage, *, memory: int = DEFAULT_MEM
 
 def compare(a: AnyImage, b: AnyImage, *, strict: bool = False,
             window: int = DEFAULT_WINDOW, memory: int = DEFAULT_MEMORY,
-            workers: int = DEFAULT_WORKERS,
+            workers: int = WORKERS,
             progress: Callable[[float], None] | None = None) -> CompareResult:
     """Compare the guest content of ``a`` and ``b`` as ``qemu-img compare`` does.
 
@@ -435,30 +423,33 @@ def compare(a: AnyImage, b: AnyImage, *, strict: bool = False,
             # a content mismatch before it is found first (windows end on whole 1 MiB)
             limit = min(common, -(-(result.status_mismatch + 1) // DEFAULT_CHUNK)
                         * DEFAULT_CHUNK)
-    for w in range(0, limit, window):
-        w1 = min(limit, w + window)
-        first = _Window(size_a, w, w1)
-        _feed(a, first, w, w1, memory=memory, workers=workers)
-        check = _Checker(size_b, first)
-        _feed(b, check, w, w1, memory=memory, workers=workers)
-        del first
-        if check.diff is not None:
-            mismatch = _sector(check.diff, odd)
+    load = functools.partial(_load, memory=memory, workers=workers)
+    with ThreadPoolExecutor(1) as pool:      # the second image is read meanwhile
+        for w in range(0, limit, window):
+            w1 = min(limit, w + window)
+            pending = pool.submit(load, b, w, w1)
+            try:
+                first = load(a, w, w1)
+            finally:
+                second = pending.result()
+            diff = _first_difference(first, second, w, w1)
+            del first, second
+            if diff is None:
+                if progress is not None:
+                    progress(w1 / total)
+                continue
+            mismatch = _sector(diff, odd)
             if result.status_mismatch is None or mismatch < result.status_mismatch:
                 result.mismatch = mismatch
                 result.status_mismatch = None
             return result
-        if progress is not None:
-            progress(w1 / total)
     if result.status_mismatch is not None:
         return result
     if size_a != size_b:
         over = a if size_a > size_b else b
-        for w in range(common, total, window):
+        for w in range(common // DEFAULT_CHUNK * DEFAULT_CHUNK, total, window):
             w1 = min(total, w + window)
-            win = _Window(total, w, w1)
-            _feed(over, win, w, w1, memory=memory, workers=workers)
-            d = _Checker(total, win).first_data_nonzero(w, w1)
+            d = _first_nonzero_data(load(over, w, w1), max(w, common), w1)
             if d is not None:
                 result.mismatch = _sector(d, odd)
                 return result

@@ -89,8 +89,7 @@ def test_every_factory_image_against_its_raw_conversion(factory_images, qemu_raw
     failures = {}
     for case in _cases(factory_images):
         raw = qemu_raw(case)
-        for args in ([case.path, raw], ["-s", case.path, raw], ["-s", raw, case.path],
-                     ["-s", case.path, case.path]):
+        for args in ([case.path, raw], ["-s", case.path, raw], ["-s", case.path, case.path]):
             ours, ref = _same(capsys, *args, cwd=case.path.parent)
             if ours != ref:
                 failures[(case.name, *map(str, args[:1]))] = (ours, ref)
@@ -134,8 +133,7 @@ def test_one_byte_changed_at_random_places(factory_images, qemu_raw, tmp_path, c
         fd = os.open(copy, os.O_RDWR)
         try:
             data = data_ranges(fd, size)
-            spots = [rng.randrange(size), size - 1 - rng.randrange(min(size, 512)),
-                     rng.randrange(min(size, 512))]
+            spots = [rng.randrange(size), size - 1 - rng.randrange(min(size, 512))]
             if data:
                 a, e = rng.choice(data)
                 spots.append(rng.randrange(a, e))
@@ -143,7 +141,7 @@ def test_one_byte_changed_at_random_places(factory_images, qemu_raw, tmp_path, c
                 old = os.pread(fd, 1, spot)
                 os.pwrite(fd, bytes([old[0] ^ (1 << rng.randrange(8))]), spot)
                 args = [case.path, copy] if k % 2 == 0 else [copy, case.path]
-                if k == 3:
+                if k == 2:
                     args = ["-s", *args]
                 ours, ref = _same(capsys, *args, cwd=case.path.parent)
                 if ours != ref:
@@ -180,12 +178,16 @@ def test_size_mismatch_both_ways(tmp_path, capsys):
                    "write -z 5M 64k", "write -P 0 6M 64k")
     tail = _qcow2(tmp_path / "tail.qcow2", 8 * MiB, "write -P 1 0 64k", "write -P 2 3M 512",
                   "write -P 3 7340544 1")
+    # data just before the end of the shorter raw file (6M+1000), in the same cluster
+    edge = _qcow2(tmp_path / "edge.qcow2", 8 * MiB, "write -P 1 0 64k", "write -P 2 3M 512",
+                  "write -P 4 6292400 8")
     early = _qcow2(tmp_path / "early.qcow2", 8 * MiB, "write -P 1 0 64k", "write -P 9 3M 512")
     raw = tmp_path / "small-plus.raw"
     subprocess.run([QEMU_IMG, "convert", "-O", "raw", str(small), str(raw)], check=True)
     os.truncate(raw, 6 * MiB + 1000)
     failures = {}
-    for x, y in [(small, zeros), (small, tail), (small, early), (small, raw), (tail, raw)]:
+    for x, y in [(small, zeros), (small, tail), (small, early), (small, raw), (tail, raw),
+                 (edge, raw)]:
         for args in ([x, y], [y, x], ["-s", x, y], ["-q", y, x], ["-p", "-q", x, y]):
             ours, ref = _same(capsys, *args)
             if ours != ref:
@@ -279,10 +281,12 @@ def test_locked_image(tmp_path, capsys):
     other = tmp_path / "other.qcow2"
     shutil.copy(img, other)
     holder = subprocess.Popen([QEMU_IO, "-c", "sleep 60000", str(img)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 20
         while _qemu(img, other)[0] != 2 and time.monotonic() < deadline:
+            assert holder.poll() is None, holder.communicate()[0]
             time.sleep(0.1)
         failures = {}
         for args in ([img, other], [other, img], ["-U", img, other]):
