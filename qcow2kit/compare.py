@@ -151,7 +151,8 @@ class _Window(CopyTarget):
     def __init__(self, size: int, start: int, end: int) -> None:
         self.size = size
         self.start = start
-        self.buf = bytearray(end - start)
+        # zeroed pages from the kernel, only touched where data is written
+        self.buf = memoryview(np.zeros(end - start, np.uint8)).cast("B")
         self.pieces: list[tuple[int, int]] = []
 
     def write(self, offset: int, data: memoryview) -> None:
@@ -200,7 +201,10 @@ def _first_difference(first: _Window, second: _Window, lo: int, hi: int) -> int 
     """The first guest offset of ``[lo, hi)`` where two windows differ (only where one of
     them holds data: elsewhere both are zeros)."""
     base = first.start
-    x, y = memoryview(first.buf), memoryview(second.buf)
+    x, y = first.buf, second.buf
+    if lo == base and len(x) == len(y) == hi - lo:   # a whole window: one sweep
+        d = _first_diff(x, y)
+        return None if d is None else base + d
     for a, b in _merged(first.pieces + second.pieces):
         a, b = max(a, lo), min(b, hi)
         if a >= b:
@@ -213,7 +217,7 @@ def _first_difference(first: _Window, second: _Window, lo: int, hi: int) -> int 
 
 def _first_nonzero_data(win: _Window, lo: int, hi: int) -> int | None:
     """The first guest offset of ``[lo, hi)`` in a window that is not zero."""
-    x = memoryview(win.buf)
+    x = win.buf
     for a, b in _merged(win.pieces):
         a, b = max(a, lo), min(b, hi)
         if a >= b:
