@@ -15,14 +15,18 @@ Here the verdict is the same, but the work is different:
 * the allocation of both images is known before any read (the mapper's
   batches, :mod:`qcow2kit.mapping`), so ranges that read as zeros are never
   read, on either side;
-* the disk is taken in guest windows of ``window`` bytes, one after the other
-  (so a mismatch in an early window ends the work early, and memory is
-  bounded by about one window): the first image's data of the window is
-  read in host order by the block-copy engine into a window buffer, then the
-  second image's data of the window is read (in host order too, for a qcow2
-  image; front to back for a raw file) and compared with it as it arrives.
+* the disk is taken in guest windows of ``window`` bytes (128 MiB, whole
+  MiB so that no read job cuts a cluster), one after the other, so a
+  mismatch in an early window ends the work early and memory is bounded by
+  two window buffers: in each window the data of both images is read at the
+  same time, each into its buffer (zeros where it stores none), a qcow2
+  image in host order by the block-copy engine (16 reads in flight), a raw
+  file front to back, and the two buffers are compared in one sweep.
 
 The first differing byte of the first window that has one gives the offset.
+Strict mode models ``bdrv_block_status_above`` from the mapper's runs
+(:func:`first_status_mismatch`); a content mismatch before the first status
+mismatch is still reported first, as qemu-img's chunk-by-chunk walk does.
 """
 
 from __future__ import annotations

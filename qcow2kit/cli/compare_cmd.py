@@ -43,9 +43,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             starts with the qcow2 magic is qcow2, anything else raw.
 
             What both images leave unallocated (or zero) is never read.  The disks are
-            taken in guest windows; in each, the stored data of both images is read in
-            host-offset order (a qcow2 image by the block-copy engine, a raw file front
-            to back), so a fragmented image is read in one sequential pass per window.
+            taken in guest windows of 128 MiB (two window buffers in memory); in each,
+            the stored data of both images is read at the same time, in host-offset
+            order (a qcow2 image by the block-copy engine, 16 reads in flight; a raw
+            file front to back), and compared; a mismatch ends the work at its window.
+            A usage error exits 1 as qemu-img's does (without its "Try" line).
             """),
         epilog=textwrap.dedent("""\
             examples:
