@@ -156,7 +156,7 @@ class _Window(CopyTarget):
         self.size = size
         self.start = start
         # zeroed pages from the kernel, only touched where data is written
-        self.buf = memoryview(np.zeros(end - start, np.uint8)).cast("B")
+        self.buf: memoryview = np.zeros(end - start, np.uint8).data
         self.pieces: list[tuple[int, int]] = []
 
     def write(self, offset: int, data: memoryview) -> None:
