@@ -458,7 +458,7 @@ def check_memory(memory: int) -> None:
         raise ValueError(f"memory budget of {memory} bytes is too small (at least 64 KiB)")
 
 
-def resolved_batches(img: Image, start: int = 0, length: int | None = None, *,
+def resolved_batches(img: Image | RawImage, start: int = 0, length: int | None = None, *,
                      memory: int = DEFAULT_MEMORY, holes: bool = True) -> Iterator[np.ndarray]:
     """Unmerged runs of ``[start, start+length)``, every layer resolved, window by window.
 
@@ -468,6 +468,8 @@ def resolved_batches(img: Image, start: int = 0, length: int | None = None, *,
     planner consumes these; :func:`map_batches` merges them.  With
     ``holes=False`` the file holes of metadata-preallocated images are not
     looked up (their clusters stay plain data, as the reverse map wants).
+    ``img`` may be a raw file (:class:`RawImage`): its data regions and holes,
+    in one batch.
     """
     size = img.size
     end = size if length is None else min(size, start + max(length, 0))
@@ -477,6 +479,9 @@ def resolved_batches(img: Image, start: int = 0, length: int | None = None, *,
     # A file's region list (two uint64 per region, in lists while it is walked: about
     # 64 bytes each) may take a quarter of the budget before regions go per window.
     layers = _make_layers(img, holes=holes, region_cap=max(64, memory // 4 // 64))
+    if isinstance(img, RawImage):   # a raw file on its own: its data regions and holes
+        yield resolve(layers, start, end)
+        return
     # Window: as many guest bytes as the budget allows, in whole top-level L1 entries
     # when at least one fits, else in whole clusters (the table is then kept between
     # windows so it is read once).

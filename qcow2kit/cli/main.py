@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 
 from .. import __version__
 from ..errors import Qcow2Error
-from . import (backup_cmd, bench_cmd, bitmap_cmd, checksum_cmd, convert_cmd, create_cmd, demo_cmd,
-               dump_cmd, info_cmd, map_cmd, rmap_cmd, snapshot_cmd)
+from . import (backup_cmd, bench_cmd, bitmap_cmd, checksum_cmd, compare_cmd, convert_cmd,
+               create_cmd, demo_cmd, dump_cmd, info_cmd, map_cmd, rmap_cmd, snapshot_cmd)
 from .args import (EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM, add_common_options, CommandError,
                    help_formatter, OptionError, Parser, Terminated, UsageError)
 from .args import run_showing_warnings
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
               qcow2kit demo
               qcow2kit info --output=json disk.qcow2
               qcow2kit convert -O raw disk.qcow2 disk.raw
+              qcow2kit compare disk.qcow2 disk.raw
             """))
     parser.add_argument("--version", action="version", version=f"qcow2kit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     bitmap_cmd.add_parser(sub)
     checksum_cmd.add_parser(sub)
     backup_cmd.add_parser(sub)
+    compare_cmd.add_parser(sub)
     bench_cmd.add_parser(sub)
     rmap_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)
