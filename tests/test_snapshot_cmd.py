@@ -11,9 +11,12 @@ from qemu import QEMU_IO, cli_process, open_args, qemu_create, qemu_img
 pytestmark = pytest.mark.qemu
 
 
-def test_every_factory_image_lists_as_qemu_does(factory_images):
+def test_factory_images_list_as_qemu_does(factory_images):
     with_snapshots = 0
-    for name, case in sorted(factory_images.items()):
+    # every image with snapshots, and a few without (encrypted, data file, v2, extended L2)
+    cases = {n: c for n, c in factory_images.items()
+             if c.snapshots or n in ("aes", "luks", "datafile", "v2", "extl2_16k", "cs512")}
+    for name, case in sorted(cases.items()):
         ours = cli_process("snapshot", "-l", case.path)
         # in the image's directory: QEMU 7.2 opens a relative data-file name from there only
         # (qemu-img snapshot takes no -f; an encrypted image needs its secret, qcow2kit not)
