@@ -200,9 +200,7 @@ def convert_to_raw(img: Image, dst: str | os.PathLike[str], *,
                    min_sparse: int = DEFAULT_MIN_SPARSE, rate_limit: int | None = None,
                    retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
                    fsync: bool = False, existing: bool = False,
-                   on_total: Callable[[int], None] | None = None,
-                   pending: CopyBitmap | None = None, watcher: CopyTarget | None = None,
-                   window: int | None = None) -> CopyResult:
+                   on_total: Callable[[int], None] | None = None) -> CopyResult:
     """Write ``img``'s guest content to ``dst`` as a sparse raw file; returns the job's result.
 
     ``order="host"`` (the default) reads the stored data in host-offset
@@ -234,17 +232,11 @@ def convert_to_raw(img: Image, dst: str | os.PathLike[str], *,
     that hold data (what will be read), and again if retries add to it;
     ``progress`` then with the guest bytes of data read and written since its
     last call (ranges that read as zeros are not read, and not counted).
-
-    ``pending``, ``watcher`` and ``window`` are for backups (:mod:`qcow2kit.backup`):
-    copy (and read) only the set bits of a copy bitmap, show the guest content to a
-    second target on the way (a block hasher), copy the disk a window of guest bytes
-    at a time (see :class:`PlannedCopy`).
     """
     avoid = source_files(img)          # the whole chain opens, or we stop here
     settings = CopySettings(order, memory, workers, max_chunk, max_inflight, min_sparse,
                             rate_limit, retries, backoff)
-    copy = PlannedCopy(img, settings, pending=pending, window=window, watcher=watcher,
-                 progress=progress, on_total=on_total)
+    copy = PlannedCopy(img, settings, progress=progress, on_total=on_total)
     with open_raw_target(dst, img.size, avoid, existing=existing) as fd_target:
         if on_total is not None:
             on_total(copy.total)
@@ -268,9 +260,7 @@ def convert_to_qcow2(img: Image, dst: str | os.PathLike[str], *,
                      min_sparse: int = DEFAULT_MIN_SPARSE, rate_limit: int | None = None,
                      retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
                      fsync: bool = False, existing: bool = False,
-                     on_total: Callable[[int], None] | None = None,
-                     pending: CopyBitmap | None = None, watcher: CopyTarget | None = None,
-                     window: int | None = None) -> CopyResult:
+                     on_total: Callable[[int], None] | None = None) -> CopyResult:
     """Write ``img``'s guest content to a new qcow2 image ``dst``; returns the job's result.
 
     ``options`` are qemu-img's ``-o`` strings for the new image (``cluster_size=...``,
@@ -289,18 +279,12 @@ def convert_to_qcow2(img: Image, dst: str | os.PathLike[str], *,
     not be any file the source reads, nor in use by QEMU; a file this call created
     is removed again when it fails.  After failed source ranges (kept as zeros) the
     image is completed and :class:`qcow2kit.errors.CopyIncompleteError` raised.
-
-    With ``pending`` and ``backing_file`` (an incremental backup), the image holds
-    exactly the pending ranges (whole clusters of ``dst``): their data, and zero
-    clusters where they read as zeros, so the backing file shows through everywhere
-    else and nowhere there.
     """
     dst = os.fspath(dst)
     avoid = source_files(img)
     settings = CopySettings(order, memory, workers, max_chunk, max_inflight, min_sparse,
                             rate_limit, retries, backoff)
-    copy = PlannedCopy(img, settings, pending=pending, window=window, watcher=watcher,
-                 progress=progress, on_total=on_total)
+    copy = PlannedCopy(img, settings, progress=progress, on_total=on_total)
     before = check_new_target(dst, avoid)
     if existing:
         if before is None:
@@ -324,10 +308,7 @@ def convert_to_qcow2(img: Image, dst: str | os.PathLike[str], *,
         target = Qcow2Target(builder, compress=compress, zeros=zeros)
         unit = max(job_granularity(img, max_chunk), builder.cluster_size)
         keep: list[tuple[int, int]] | None = None
-        if pending is not None:
-            keep = list(merge_spans((a // unit * unit, min(-(-(a + n) // unit) * unit, img.size))
-                                    for a, n in pending.iter_runs()))
-        elif backing_file is not None:
+        if backing_file is not None:
             keep = list(_own_ranges(img, unit, backing_size, memory))
         if not compress:
             if min_sparse == 0:
