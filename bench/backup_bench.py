@@ -6,9 +6,10 @@ writes (one command per GiB: fast, and the file stays sparse); then a persistent
 (`qemu-img bitmap --add`), then 1% of the disk's clusters (``--dirty-percent``), chosen at
 random over the whole disk, written by one qemu-io run (64 KiB each): QEMU marks them in
 the bitmap.  The package is byte-compiled first (``compileall``, as an installed package
-is; else, under PYTHONDONTWRITEBYTECODE, every run would compile its modules again).  Then, each from a cold page cache (unless ``--warm``; dropping it needs
-root), ``qcow2kit backup SRC full.qcow2`` and ``qcow2kit backup --bitmap b0 --base
-full.qcow2 SRC inc.qcow2`` are timed, ``-n`` times each, the order alternating; the
+is; else, under PYTHONDONTWRITEBYTECODE, every run would compile its modules again).
+Then, each from a cold page cache (unless ``--warm``; dropping it needs root),
+``qcow2kit backup SRC full.qcow2`` and ``qcow2kit backup --bitmap b0 --base full.qcow2
+SRC inc.qcow2`` are timed, ``-n`` times each, the order alternating; the
 incremental overlay is compared to the source with qemu-img compare (the chain), and one
 more incremental run in this process reports the bytes it read from the source (the I/O
 count), which must equal the data in the dirty clusters.  Target: incremental at most
