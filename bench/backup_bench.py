@@ -5,9 +5,11 @@ The image: 64 GiB of virtual size (``--scale`` for a fraction), data in the firs
 writes (one command per GiB: fast, and the file stays sparse); then a persistent bitmap
 (`qemu-img bitmap --add`), then 1% of the disk's clusters (``--dirty-percent``), chosen at
 random over the whole disk, written by one qemu-io run (64 KiB each): QEMU marks them in
-the bitmap.  Then, each from a cold page cache (unless ``--warm``; dropping it needs
-root), ``qcow2kit backup SRC full.qcow2`` and ``qcow2kit backup --bitmap b0 --base
-full.qcow2 SRC inc.qcow2`` are timed, ``-n`` times each, the order alternating; the
+the bitmap.  The package is byte-compiled first (``compileall``, as an installed package
+is; else, under PYTHONDONTWRITEBYTECODE, every run would compile its modules again).
+Then, each from a cold page cache (unless ``--warm``; dropping it needs root),
+``qcow2kit backup SRC full.qcow2`` and ``qcow2kit backup --bitmap b0 --base full.qcow2
+SRC inc.qcow2`` are timed, ``-n`` times each, the order alternating; the
 incremental overlay is compared to the source with qemu-img compare (the chain), and one
 more incremental run in this process reports the bytes it read from the source (the I/O
 count), which must equal the data in the dirty clusters.  Target: incremental at most
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     size = cq.scaled_size(64 << 30, cq.parse_scale(args.scale), CLUSTER)
     work = Path(tempfile.mkdtemp(prefix="qcow2kit-backup-", dir=args.workdir))
     kit = [sys.executable, "-m", "qcow2kit"]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "qcow2kit")],
+                   check=True, stdout=subprocess.DEVNULL)
     try:
         src = work / "disk.qcow2"
         log(f"building the {size >> 30} GiB source ({args.data_percent}% data, "

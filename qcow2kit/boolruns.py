@@ -17,6 +17,18 @@ def true_runs(flags: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
             np.flatnonzero(padded[:-1] & ~padded[1:]))     # True -> False
 
 
+def runs_mask(starts: np.ndarray, ends: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """A bool array for ``[lo, hi)``: True inside the runs ``[starts[k], ends[k])`` (int
+    arrays; the runs may overlap and reach outside ``[lo, hi)``)."""
+    s = np.clip(np.asarray(starts, dtype=np.int64), lo, hi) - lo
+    e = np.clip(np.asarray(ends, dtype=np.int64), lo, hi) - lo
+    keep = s < e
+    delta = np.zeros(hi - lo + 1, dtype=np.int64)
+    np.add.at(delta, s[keep], 1)
+    np.add.at(delta, e[keep], -1)
+    return np.cumsum(delta[:-1]) > 0
+
+
 def merge_spans(spans: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
     """``(start, end)`` spans sorted by start, those that touch or overlap merged, as
     ``(offset, length)`` ranges."""

@@ -53,7 +53,7 @@ import contextlib
 import os
 import threading
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,7 +61,7 @@ import numpy as np
 from . import spec
 from . import tables as T
 from .alloc import Allocator
-from .boolruns import true_runs
+from .boolruns import runs_mask, true_runs
 from .create import CreatePlan, prepare, request, write_plan
 from .errors import Qcow2Error
 from .layout import header as H
@@ -314,43 +314,72 @@ class ImageBuilder:
         clusters; ones reserved or written before are skipped), after everything placed so
         far; returns how many were reserved.  :meth:`fill` writes into them.  Reserving in
         guest order gives an unfragmented image whatever order the data comes in."""
+        return self.reserve_runs([(guest_offset, length)])
+
+    def reserve_runs(self, runs: Iterable[tuple[int, int]]) -> int:
+        """:meth:`reserve` of each guest range ``(offset, length)`` of ``runs``, in their
+        order, in one call (numpy-wide per L2 table when the ranges are sorted and touch no
+        cluster twice; one range at a time otherwise); returns the clusters reserved."""
         cs = self.cluster_size
-        end = min(guest_offset + length, self.size)
-        if guest_offset < 0 or guest_offset >= end:
+        arr = np.array(list(runs), dtype=np.int64).reshape(-1, 2)
+        offs = arr[:, 0]
+        ends = np.minimum(offs + arr[:, 1], self.size)
+        ok = (offs >= 0) & (offs < ends)
+        first, last = offs[ok] // cs, -(-ends[ok] // cs)
+        if not len(first):
             return 0
-        first, last = guest_offset // cs, -(-end // cs)
-        a = self._a
-        total = 0
+        if len(first) > 1 and bool(np.any(first[1:] < last[:-1])):
+            return sum(self._reserve_clusters(first[k:k + 1], last[k:k + 1])
+                       for k in range(len(first)))
+        return self._reserve_clusters(first, last)
+
+    def _reserve_clusters(self, first: np.ndarray, last: np.ndarray) -> int:
+        """Reserve guest clusters ``[first[k], last[k])`` (sorted, disjoint runs), L2 table
+        by L2 table in guest order: its L2 table placed first, then one host run per run of
+        clusters not reserved or written yet."""
         with self._lock:
             if self._w is None:
                 raise BuilderError("the builder is closed")
+            cs = self.cluster_size
+            bits, size = self.l2_bits, self.l2_size
+            a = self._a
+            total = 0
+            n_tables = -(-self.guest_clusters // size)
+            tables = np.flatnonzero(runs_mask(first >> bits, ((last - 1) >> bits) + 1, 0,
+                                              n_tables))
             a.used.touched = self._resv_touched
             try:
-                g = first
-                while g < last:
-                    l1, i = g >> self.l2_bits, g & (self.l2_size - 1)
-                    m = min(last - g, self.l2_size - i)
+                for l1 in tables.tolist():
+                    base = l1 << bits
+                    j0 = int(np.searchsorted(last, base, side="right"))
+                    j1 = int(np.searchsorted(first, base + size, side="left"))
+                    want = runs_mask(first[j0:j1], last[j0:j1], base, base + size)
                     self._resv_new_l2 += self._place_l2([l1])
                     resv = self._resv.get(l1)
                     if resv is None:
-                        resv = self._resv[l1] = np.zeros(self.l2_size, dtype=np.uint64)
-                        self._filled[l1] = np.zeros(self.l2_size, dtype=bool)
+                        resv = self._resv[l1] = np.zeros(size, dtype=np.uint64)
+                        self._filled[l1] = np.zeros(size, dtype=bool)
                     mask = self._written.get(l1)
                     if mask is None:
-                        mask = self._written[l1] = np.zeros(self.l2_size, dtype=bool)
-                    starts, ends = true_runs(~mask[i:i + m])
-                    for s0, e0 in zip(starts.tolist(), ends.tolist()):
-                        n = e0 - s0
+                        mask = self._written[l1] = np.zeros(size, dtype=bool)
+                    new = want & ~mask
+                    starts, stops = true_runs(new)
+                    if not len(starts):
+                        continue
+                    counts = stops - starts
+                    if self._dw is not None:
                         # with a data file, guest cluster n is host cluster n of that file
-                        host = (g + s0) * cs if self._dw is not None else a.alloc_clusters(n * cs)
-                        if self._dw is None:
-                            self._resv_end = max(self._resv_end, host + n * cs)
-                        offsets = np.arange(n, dtype=np.uint64) * np.uint64(cs)
-                        offsets += np.uint64(host)
-                        resv[i + s0:i + e0] = offsets | np.uint64(spec.OFLAG_COPIED)
-                        mask[i + s0:i + e0] = True
-                        total += n
-                    g += m
+                        hosts = (starts + base) * cs
+                    else:
+                        hosts = np.array([a.alloc_clusters(n * cs) for n in counts.tolist()],
+                                         dtype=np.int64)
+                        self._resv_end = max(self._resv_end, int((hosts + counts * cs).max()))
+                    idx = np.flatnonzero(new)
+                    run = np.repeat(np.arange(len(starts)), counts)
+                    offsets = (hosts[run] + (idx - starts[run]) * cs).astype(np.uint64)
+                    resv[idx] = offsets | np.uint64(spec.OFLAG_COPIED)
+                    mask[idx] = True
+                    total += len(idx)
             finally:
                 a.used.touched = []
             if total or self._resv_new_l2:

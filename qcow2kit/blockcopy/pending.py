@@ -222,6 +222,7 @@ class Checkpointer:
         self.checkpoints = 0
         self.error: BaseException | None = None
         self._wake = threading.Event()
+        self._stopping = threading.Event()   # cuts short the pause between checkpoints
         self._stop = False
         self._thread = threading.Thread(target=self._loop, daemon=True,
                                         name="blockcopy-checkpoint")
@@ -254,7 +255,7 @@ class Checkpointer:
             if not self._stop:
                 pause = last + self.interval - time.monotonic()
                 if pause > 0:
-                    time.sleep(pause)
+                    self._stopping.wait(pause)
             self._wake.clear()
             # (stop() sets the flag before the event: seen here, or the event is set again)
             if self._stop:
@@ -269,6 +270,7 @@ class Checkpointer:
     def stop(self) -> None:
         """End the thread, then one last checkpoint; raises what a checkpoint raised."""
         self._stop = True
+        self._stopping.set()
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join()

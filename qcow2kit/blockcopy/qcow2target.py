@@ -228,10 +228,7 @@ class Qcow2Target(CopyTarget):
 def reserve_data(builder: ImageBuilder, runs: Iterable[tuple[int, int]]) -> int:
     """Reserve the target clusters of guest ranges ``runs`` (in guest order: the image
     comes out unfragmented); returns the clusters reserved."""
-    total = 0
-    for a, n in runs:
-        total += builder.reserve(a, n)
-    return total
+    return builder.reserve_runs(runs)
 
 
 __all__ = ["Qcow2Target", "reserve_data"]

@@ -20,6 +20,7 @@ copy is unfinished.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -69,10 +70,42 @@ class MappedQcow2Target(CopyTarget):
         self.writes = 0
         self.bytes_written = 0
         self._lock = threading.Lock()     # the image's L2 cache is not shared between threads
+        # the mapping does not change during the copy: resolved once per L2 table's span
+        # (a lookup per write cost ~0.3 ms, the most of an incremental backup's CPU)
+        self._span_bits = img.cluster_bits + img.geometry.l2_bits
+        self._spans: dict[int, tuple[list[int], list[Any]]] = {}
+
+    def _span(self, k: int) -> tuple[list[int], list[Any]]:
+        """The segments of the guest span of L2 table ``k`` and their guest offsets."""
+        with self._lock:
+            got = self._spans.get(k)
+            if got is None:
+                segs = list(self.img.segments(k << self._span_bits, 1 << self._span_bits))
+                got = self._spans[k] = ([s.guest for s in segs], segs)
+            return got
 
     def _segments(self, offset: int, length: int) -> list[Any]:
-        with self._lock:
-            return list(self.img.segments(offset, length))
+        out = []
+        end = min(offset + length, self.size)
+        pos = max(offset, 0)
+        while pos < end:
+            k = pos >> self._span_bits
+            stop = min(end, (k + 1) << self._span_bits)
+            starts, segs = self._span(k)
+            i = max(bisect.bisect_right(starts, pos) - 1, 0)
+            while i < len(segs) and segs[i].guest < stop:
+                seg = segs[i]
+                a, b = max(seg.guest, pos), min(seg.guest + seg.length, stop)
+                if a < b:
+                    cut = a - seg.guest
+                    if seg.kind == T.DATA:
+                        seg = seg._replace(host=seg.host + cut)
+                    elif seg.kind == T.COMPRESSED:
+                        seg = seg._replace(skip=seg.skip + cut)
+                    out.append(seg._replace(guest=a, length=b - a))
+                i += 1
+            pos = stop
+        return out
 
     def _unmapped(self, seg: Any) -> Qcow2Error:
         return Qcow2Error(f"guest range {seg.guest:#x}+{seg.length:#x} of the target is "
