@@ -51,7 +51,8 @@ from typing import Callable
 
 from . import spec
 from .blockcopy import DEFAULT_WORKERS, CopyBitmap, CopyResult, CopyTarget, RawFileTarget
-from .blockcopy.pending import Checkpointer, JournalStore, PendingMap, PendingStore
+from .blockcopy.pending import (JournalStore, PendingMap, PendingStore, run_checkpointed,
+                                sync_dir)
 from .blockcopy.resumable import PENDING_BITMAP, BitmapStore, MappedQcow2Target
 from .checksum import BLOCK_SIZE, BlockHasher, HashingTarget, combine
 from .convert import CopySettings, PlannedCopy, incomplete_error
@@ -385,7 +386,7 @@ def _make_target(img: Image, plan: BackupPlan, keep: list[tuple[int, int]] | Non
             os.rename(part + JOURNAL_SUFFIX, journal)
         os.link(part, plan.target)          # fails if TARGET appeared meanwhile
         os.unlink(part)
-        _sync_dir(plan.target)
+        sync_dir(plan.target)
         return pending
     except BaseException:
         for f in (part, part + JOURNAL_SUFFIX):
@@ -407,23 +408,11 @@ def _drop_linked_part(target: str) -> None:
         os.unlink(part)
 
 
-def _sync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _copy(copy: PlannedCopy, target: CopyTarget, keep: list[tuple[int, int]] | None,
           pending: PendingMap, store: PendingStore, interval: float) -> CopyResult:
-    """The copy, its progress made durable by a checkpointer; the target flushed."""
-    cp = Checkpointer(pending, store, target.flush, interval=interval).start()
-    try:
-        result = copy.run(target, keep, on_copied=cp.note)
-    finally:
-        cp.stop()
-    target.flush()
+    """The copy, its progress made durable by checkpoints; the target flushed."""
+    result, _ = run_checkpointed(lambda note: copy.run(target, keep, on_copied=note), target,
+                                 pending, store, interval=interval)
     return result
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .blockcopy.pending import JournalStore, PendingMap, pending_granularity
+from .blockcopy.pending import JournalStore, PendingMap, pending_granularity, remove_journal
 from .blockcopy.qcow2target import reserve_data
 from .blockcopy.resumable import PENDING_BITMAP, BitmapStore
 from .boolruns import runs_mask, true_runs
@@ -147,7 +147,7 @@ def pending_of(dst: str, fmt: str, size: int, tag: bytes, *,
 def finish_pending(dst: str, fmt: str) -> None:
     """The copy is complete and flushed: drop its pending bits."""
     if fmt == "raw":
-        JournalStore(dst + JOURNAL_SUFFIX, 0, 512, b"").remove()
+        remove_journal(dst + JOURNAL_SUFFIX)
     else:
         from .bitmapedit import remove_bitmap
         remove_bitmap(dst, PENDING_BITMAP)

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from qemu import (have_qemu, hexbytes, qemu_bitmap_dirty, qemu_convert_raw, qemu_create, qemu_img,
                   qemu_img_check, qemu_img_info, qemu_io)
 
-from qcow2kit.blockcopy import RawFileTarget, read_source
-from qcow2kit.blockcopy.pending import JournalStore, PendingMap, pending_granularity
-from qcow2kit.blockcopy.resumable import (PENDING_BITMAP, BitmapStore, MappedQcow2Target,
-                                          run_resumable)
+from qcow2kit.blockcopy import CopyJob, RawFileTarget, read_source
+from qcow2kit.blockcopy.pending import (JournalStore, PendingMap, pending_granularity,
+                                        run_checkpointed)
+from qcow2kit.blockcopy.resumable import PENDING_BITMAP, BitmapStore, MappedQcow2Target
 from qcow2kit.errors import Qcow2Error
 from qcow2kit.image import Image
 from qcow2kit.layout.journal import Journal, decode_journal, encode_journal
@@ -121,8 +121,17 @@ def copy(src: str, dst: str, kind: str, rate: int = 0, interval: float = 0.0) ->
         def progress(done: int, total: int) -> None:
             print("done", done, total, flush=True)
 
-        options = dict(interval=interval, workers=2, rate_limit=rate or None,
-                       max_inflight=2 * MiB, progress=progress)
+        def resumed(target, store):
+            """The copy of what is pending, its progress checkpointed into ``store``."""
+            def run(on_copied):
+                job = CopyJob(source, target, workers=2, rate_limit=rate or None,
+                              max_inflight=2 * MiB, progress=progress, on_copied=on_copied)
+                job.bitmap.clear(0, img.size)
+                for a, n in pending.runs():
+                    job.bitmap.set(a, n)
+                return job.run()
+            return run_checkpointed(run, target, pending, store, interval=interval)
+
         if not os.path.exists(dst):
             if kind == "qcow2":
                 cs = map_qcow2_target(img, dst, None, memory=32 * MiB)
@@ -134,15 +143,13 @@ def copy(src: str, dst: str, kind: str, rate: int = 0, interval: float = 0.0) ->
         pending = pending_of(dst, kind, img.size, b"test")
         if kind == "qcow2":
             with ImageWriter(dst) as w, Image.open(dst, locking=False) as timg:
-                res, cp = run_resumable(source, MappedQcow2Target(timg, w), pending,
-                                        BitmapStore(timg, w), **options)
+                res, cp = resumed(MappedQcow2Target(timg, w), BitmapStore(timg, w))
         else:
             fd = os.open(dst, os.O_RDWR)
             try:
                 store = JournalStore(dst + ".pending", img.size, pending.granularity, b"test")
-                res, cp = run_resumable(source, RawFileTarget(fd, dst, img.size,
-                                                              zero_initialized=False),
-                                        pending, store, **options)
+                res, cp = resumed(RawFileTarget(fd, dst, img.size, zero_initialized=False),
+                                  store)
             finally:
                 os.close(fd)
         if res.complete:

@@ -31,6 +31,8 @@ import numpy as np
 from ..boolruns import true_runs
 from ..errors import Qcow2Error
 from ..layout.journal import Journal, bitmap_length, decode_journal, encode_journal
+from .engine import CopyResult
+from .target import CopyTarget
 
 #: at most this many granules: a bigger disk gets a coarser pending bitmap
 MAX_GRANULES = 1 << 24
@@ -149,9 +151,6 @@ class PendingStore(Protocol):
     def save(self, todo: np.ndarray, changed: np.ndarray) -> None:
         """Make ``todo`` durable; ``changed`` are the granules whose bits were cleared."""
 
-    def remove(self) -> None:
-        """The copy is complete: the bits are no longer needed."""
-
 
 class JournalStore:
     """The pending bits in a journal file beside a raw target (see the module docstring)."""
@@ -189,18 +188,21 @@ class JournalStore:
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
-        _sync_dir(self.path)
-
-    def remove(self) -> None:
-        for p in (self.path, self.path + ".tmp"):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
-        _sync_dir(self.path)
+        sync_dir(self.path)
 
 
-def _sync_dir(path: str) -> None:
+def remove_journal(path: str) -> None:
+    """Remove the journal at ``path`` (and a temporary file a killed save left), durably."""
+    for p in (path, path + ".tmp"):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+    sync_dir(path)
+
+
+def sync_dir(path: str) -> None:
+    """fsync the directory holding ``path`` (a new, renamed or removed name is durable)."""
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -279,5 +281,22 @@ class Checkpointer:
         self.checkpoint()
 
 
+def run_checkpointed(run: Callable[[Callable[[list[tuple[int, int]]], None]], CopyResult],
+                     target: CopyTarget, pending: PendingMap, store: PendingStore, *,
+                     interval: float = 1.0) -> tuple[CopyResult, Checkpointer]:
+    """Run a copy, ``run(on_copied)``, with its progress made durable in ``store`` by a
+    :class:`Checkpointer` (``on_copied`` goes to the engine); the target is flushed at
+    the end.  The store keeps what is left when the copy did not finish; removing it
+    once the copy is complete is the caller's part."""
+    cp = Checkpointer(pending, store, target.flush, interval=interval).start()
+    try:
+        result = run(cp.note)
+    finally:
+        cp.stop()
+    target.flush()
+    return result, cp
+
+
 __all__ = ["Checkpointer", "JournalStore", "MAX_GRANULES", "PendingMap", "PendingStore",
-           "pack_bits", "pending_granularity", "unpack_bits"]
+           "pack_bits", "pending_granularity", "remove_journal", "run_checkpointed",
+           "sync_dir", "unpack_bits"]

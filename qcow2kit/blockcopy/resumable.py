@@ -1,6 +1,6 @@
-"""A copy that can be killed at any moment and resumed: the pending bitmap
-(:mod:`.pending`) kept durable while the engine works, and the qcow2 target it
-needs (:class:`MappedQcow2Target`).
+"""The qcow2 side of a copy that can be killed at any moment and resumed (the pending
+bitmap and its checkpoints are :mod:`.pending`'s): the target it needs
+(:class:`MappedQcow2Target`) and the pending bits kept inside it (:class:`BitmapStore`).
 
 A qcow2 target is made resumable by mapping it completely before the copy starts
 (every cluster that will hold data allocated, its L2 entry and refcount on disk,
@@ -29,14 +29,12 @@ import numpy as np
 
 from .. import spec
 from .. import tables as T
-from ..bitmapedit import add_bitmap, remove_bitmap
+from ..bitmapedit import add_bitmap
 from ..errors import BitmapNotFoundError, Qcow2Error
 from ..image import Image
 from ..writer import ImageWriter
-from .engine import CopyJob, CopyResult
-from .pending import Checkpointer, PendingMap, PendingStore, pack_bits
+from .pending import PendingMap, pack_bits
 from .target import CopyTarget, _punch_hole, io_error
-from .tasks import ReadSource
 
 _ZERO_CHUNK = 1 << 20
 
@@ -202,37 +200,5 @@ class BitmapStore:
             self.w.pwrite(raw + bytes(self.cluster_size - len(raw)), host)
         self.w.sync()
 
-    def remove(self) -> None:
-        """Drop the bitmap (call it once the target's writer is closed: it takes the
-        image's locks itself)."""
-        remove_bitmap(self.path, self.name)
 
-
-def run_resumable(source: ReadSource, target: CopyTarget, pending: PendingMap,
-                  store: PendingStore, *, interval: float = 1.0,
-                  **job_options: Any) -> tuple[CopyResult, Checkpointer]:
-    """Copy what ``pending`` marks, keeping ``store`` up to date (see :mod:`.pending`).
-
-    ``job_options`` are :class:`CopyJob`'s.  When every pending byte was copied
-    (``result.complete``) the target has been flushed and the caller removes ``store``
-    (after closing the target, for a :class:`BitmapStore`); otherwise (failed ranges,
-    a stop, an exception, a kill) the store keeps what is left for the next run.
-    """
-    cp = Checkpointer(pending, store, target.flush, interval=interval)
-    job = CopyJob(source, target, on_copied=cp.note, **job_options)
-    size = job.size
-    if size:
-        job.bitmap.clear(0, size)
-    for a, n in pending.runs():
-        job.bitmap.set(a, n)
-    cp.start()
-    try:
-        result = job.run()
-    finally:
-        cp.stop()
-    if result.stopped is None and not result.failed:
-        target.flush()
-    return result, cp
-
-
-__all__ = ["BitmapStore", "MappedQcow2Target", "PENDING_BITMAP", "run_resumable"]
+__all__ = ["BitmapStore", "MappedQcow2Target", "PENDING_BITMAP"]
