@@ -27,7 +27,8 @@ from typing import Any
 from bench import compare_qemu as cq
 from bench import images
 from bench import order_bench as ob
-from bench.convert_bench import cold_rotation, per_rep_ratios, ratio, summarize
+from bench.convert_bench import (cold_rotation, per_rep_ratios, ratio, summarize, wall_table,
+                                  write_report)
 
 OVIRT = ("import json, sys\n"
          "from ovirt_imageio import client\n"
@@ -85,13 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             "versions": cq.versions(), "machine": cq.machine_info()}
         lines = [f"checksum of a {size >> 20} MiB random-layout image, median of {args.repeat}, "
                  f"cache {', '.join(sorted(caches))}", "",
-                 "| command | wall, median [min–max] | CPU (user+sys) | peak RSS |",
-                 "|---|---:|---:|---:|"]
-        for name in tools:
-            s = summ[name]
-            lines.append(f"| {name} | {s['wall_s']['median']:.2f} s [{s['wall_s']['min']:.2f}–"
-                         f"{s['wall_s']['max']:.2f}] | {s['cpu_s']:.2f} s | "
-                         f"{s['maxrss_mib']:.1f} MiB |")
+                 *wall_table(summ, list(tools))]
         lines += ["", f"qcow2kit / ovirt-imageio: **{report['ratio']:.2f}×** (per repetition "
                   f"{', '.join(f'{x:.2f}' for x in report['per_rep'])}); checksums equal: "
                   f"{report['equal']} ({values['qcow2kit']})"]
@@ -103,12 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"baseline ({args.baseline}) / ovirt-imageio: "
                          f"{report['baseline_ratio']:.2f}× (per repetition "
                          f"{', '.join(f'{x:.2f}' for x in report['baseline_per_rep'])})")
-        text = "\n".join(lines) + "\n"
-        print(text)
-        if args.markdown:
-            Path(args.markdown).write_text(text)
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        write_report("\n".join(lines) + "\n", report, args.markdown, args.json)
         return 0 if report["equal"] else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -15,7 +15,6 @@ byte of the raw file is changed (checked once after the timed runs).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -27,7 +26,8 @@ from typing import Any
 from bench import compare_qemu as cq
 from bench import images
 from bench import order_bench as ob
-from bench.convert_bench import cold_rotation, per_rep_ratios, ratio, summarize
+from bench.convert_bench import (cold_rotation, per_rep_ratios, ratio, summarize, wall_table,
+                                  write_report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,23 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             "versions": cq.versions(), "machine": cq.machine_info()}
         lines = [f"compare of a {size >> 20} MiB random-layout image with its raw conversion, "
                  f"median of {args.repeat}, cache {', '.join(sorted(caches))}", "",
-                 "| command | wall, median [min–max] | CPU (user+sys) | peak RSS |",
-                 "|---|---:|---:|---:|"]
-        for name in tools:
-            s = summ[name]
-            lines.append(f"| {name} | {s['wall_s']['median']:.2f} s [{s['wall_s']['min']:.2f}–"
-                         f"{s['wall_s']['max']:.2f}] | {s['cpu_s']:.2f} s | "
-                         f"{s['maxrss_mib']:.1f} MiB |")
+                 *wall_table(summ, list(tools))]
         lines += ["", f"qcow2kit / qemu-img: **{report['ratio']:.2f}×** (per repetition "
                   f"{', '.join(f'{x:.2f}' for x in report['per_rep'])}); both said identical "
                   f"on every run: {identical}; one byte changed: both said "
                   f"{said['qcow2kit']!r} ({same_mismatch})"]
-        text = "\n".join(lines) + "\n"
-        print(text)
-        if args.markdown:
-            Path(args.markdown).write_text(text)
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        write_report("\n".join(lines) + "\n", report, args.markdown, args.json)
         return 0 if identical and same_mismatch else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)

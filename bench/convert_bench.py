@@ -138,6 +138,28 @@ def per_rep_ratios(runs: dict[str, list[dict[str, Any]]], a: str, b: str) -> lis
             if x["exit"] == 0 and y["exit"] == 0 and y["wall_s"] > 0]
 
 
+def wall_table(summ: dict[str, Any], names: list[str]) -> list[str]:
+    """Markdown lines: each command's median wall time [min–max], CPU and peak RSS."""
+    lines = ["| command | wall, median [min–max] | CPU (user+sys) | peak RSS |",
+             "|---|---:|---:|---:|"]
+    for name in names:
+        s = summ[name]
+        lines.append(f"| {name} | {s['wall_s']['median']:.2f} s [{s['wall_s']['min']:.2f}–"
+                     f"{s['wall_s']['max']:.2f}] | {s['cpu_s']:.2f} s | "
+                     f"{s['maxrss_mib']:.1f} MiB |")
+    return lines
+
+
+def write_report(text: str, report: dict[str, Any], markdown: str | None,
+                 json_path: str | None) -> None:
+    """Print the markdown text; write it, and the report as JSON, where asked."""
+    print(text)
+    if markdown:
+        Path(markdown).write_text(text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2, default=str))
+
+
 def qemu_compare(src: Path, out: Path, out_fmt: str) -> dict[str, Any]:
     p = subprocess.run([QEMU, "compare", "-f", "qcow2", "-F", out_fmt, str(src), str(out)],
                        capture_output=True, text=True)
