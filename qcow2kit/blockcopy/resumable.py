@@ -34,9 +34,7 @@ from ..errors import BitmapNotFoundError, Qcow2Error
 from ..image import Image
 from ..writer import ImageWriter
 from .pending import PendingMap, pack_bits
-from .target import CopyTarget, _punch_hole, io_error
-
-_ZERO_CHUNK = 1 << 20
+from .target import CopyTarget, _punch_hole, io_error, write_zero_chunks
 
 
 class MappedQcow2Target(CopyTarget):
@@ -134,14 +132,8 @@ class MappedQcow2Target(CopyTarget):
 
     def _zero_host(self, host: int, length: int) -> None:
         try:
-            if _punch_hole(self.w.fd, host, length):
-                return
-            zeros = memoryview(bytes(min(length, _ZERO_CHUNK)))
-            pos, end = host, host + length
-            while pos < end:
-                n = min(len(zeros), end - pos)
-                self.w.pwrite(zeros[:n], pos)
-                pos += n
+            if not _punch_hole(self.w.fd, host, length):
+                write_zero_chunks(lambda at, data: self.w.pwrite(data, at), host, length)
         except OSError as exc:
             raise io_error(exc, self.path, "write", host) from exc
 

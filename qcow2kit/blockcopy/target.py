@@ -20,6 +20,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+from collections.abc import Callable
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -56,6 +57,18 @@ def io_error(exc: OSError, path: str, what: str, offset: int | None) -> OSError:
     """``exc`` again, naming the file, the operation and the offset."""
     where = f" at offset {offset:#x}" if offset is not None else ""
     return OSError(exc.errno, f"{what} error{where}: {exc.strerror or exc}", path)
+
+
+def write_zero_chunks(write: Callable[[int, memoryview], None], offset: int,
+                      length: int) -> None:
+    """Zeros over ``[offset, offset+length)`` through ``write(offset, data)``, at most
+    1 MiB a call (where a hole cannot be punched, or the zeros must be stored)."""
+    zeros = memoryview(bytes(min(length, _ZERO_CHUNK)))
+    pos, end = offset, offset + length
+    while pos < end:
+        n = min(len(zeros), end - pos)
+        write(pos, zeros[:n])
+        pos += n
 
 
 _libc = None
@@ -112,12 +125,7 @@ class RawFileTarget(CopyTarget):
                     return
             except OSError as exc:
                 raise io_error(exc, self.path, "discard", offset) from exc
-        zeros = memoryview(bytes(min(length, _ZERO_CHUNK)))
-        pos, end = offset, offset + length
-        while pos < end:
-            n = min(len(zeros), end - pos)
-            self.write(pos, zeros[:n])
-            pos += n
+        write_zero_chunks(self.write, offset, length)
 
     def flush(self) -> None:
         try:
